@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - install into .venv, then run the main job
+#   make test   - install into .venv, then run the whole test suite (what CI runs)
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
+DEMO_OUT ?= outputs/demo
+
+.PHONY: demo test install lint format clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python requirements.txt pyproject.toml
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/universal demo
+
+test: install
+	bash scripts/ensure_chromium.sh
+	$(BIN)/ruff check universal tests bench app.py
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check universal tests bench
+	$(BIN)/ruff format --check universal tests bench
+
+format: install
+	$(BIN)/ruff format universal tests bench
+	$(BIN)/ruff check --fix universal tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,179 @@
+"""The dashboard in a real browser: ``streamlit run app.py`` on a free localhost port, driven by headless Chromium.
+
+Runs the built-in sample, checks that the overlay and the metrics table appear, measures page load, the fast
+segmentation and a slider interaction, and saves screenshots to ``test-artifacts/`` (gitignored).
+Needs Debian's ``chromium`` (``scripts/ensure_chromium.sh`` installs it); skipped with a reason otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited early with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"streamlit did not become healthy within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def server():
+    if not CHROMIUM.exists():
+        pytest.skip(
+            "/usr/bin/chromium is absent: run scripts/ensure_chromium.sh (apt-get chromium chromium-driver)"
+        )
+    pytest.importorskip("playwright.sync_api", reason="the Python package playwright is not installed")
+    ARTIFACTS.mkdir(exist_ok=True)
+    port = _free_port()
+    log = open(ARTIFACTS / "browser_streamlit.log", "w")  # noqa: SIM115 - closed below
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
+        "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1",
+        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=5)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-dev-shm-usage",
+            ],
+        )
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _wait_idle(page, timeout_ms: int = 60_000) -> None:
+    """Wait until Streamlit's script run is over (its status widget says 'Running' while busy)."""
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+        " || !document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.includes('Running')",
+        timeout=timeout_ms,
+    )
+
+
+def test_sample_in_a_real_browser(server, browser):
+    from playwright.sync_api import expect
+
+    timings: dict[str, float] = {}
+    page = browser.new_page(viewport={"width": 1500, "height": 1300})
+    try:
+        t0 = time.perf_counter()
+        page.goto(server, wait_until="domcontentloaded")
+        run = page.locator(".st-key-run button")
+        run.wait_for(state="visible", timeout=60_000)
+        page.wait_for_function(
+            "() => { const b = document.querySelector('.st-key-run button'); return b && !b.disabled; }",
+            timeout=60_000,
+        )
+        page.locator('[data-testid="stImage"] img').first.wait_for(state="visible", timeout=60_000)
+        timings["page_interactive_s"] = time.perf_counter() - t0
+
+        # the sample is preselected: run it in fast mode (the default)
+        t0 = time.perf_counter()
+        run.click()
+        page.get_by_text("Segmented", exact=False).first.wait_for(state="visible", timeout=240_000)
+        timings["sample_run_s"] = time.perf_counter() - t0
+        _wait_idle(page)
+        success = page.get_by_text("Segmented", exact=False).first.inner_text()
+        timings["segment_total_s_reported"] = float(success.split(" in ")[1].split(" s")[0])
+
+        # the overlay image and the volume table
+        overlay = page.locator('[data-testid="stImage"] img').first
+        expect(overlay).to_be_visible(timeout=30_000)
+        expect(page.locator(".st-key-volume_table")).to_be_visible(timeout=30_000)
+        expect(page.locator(".st-key-timing_table")).to_be_visible(timeout=30_000)
+
+        # a slider interaction: the image changes, nothing is recomputed
+        before = overlay.get_attribute("src")
+        thumb = page.locator(".st-key-viewer_slice_axial [role='slider']")
+        thumb.focus()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            page.keyboard.press("ArrowRight")
+        page.wait_for_function(
+            "(old) => { const i = document.querySelector('[data-testid=\"stImage\"] img'); return i && i.src !== old; }",
+            arg=before,
+            timeout=30_000,
+        )
+        timings["slider_interaction_s"] = time.perf_counter() - t0
+        _wait_idle(page)
+        page.screenshot(path=str(ARTIFACTS / "browser_app.png"), full_page=True)
+
+        # the evaluate tab with the sample's reference: the metrics table and the bar chart
+        page.get_by_role("tab", name="Evaluate").click()
+        table = page.locator(".st-key-metrics_table")
+        table.wait_for(state="visible", timeout=60_000)
+        page.locator(".st-key-metrics_chart").wait_for(state="visible", timeout=60_000)
+        expect(page.get_by_text("Mean DSC").first).to_be_visible(timeout=30_000)
+        _wait_idle(page)
+        page.screenshot(path=str(ARTIFACTS / "browser_evaluate.png"), full_page=True)
+
+        # the 3-D tab draws meshes
+        page.get_by_role("tab", name="3-D").click()
+        page.locator(".st-key-mesh_chart").wait_for(state="visible", timeout=60_000)
+        _wait_idle(page)
+        page.screenshot(path=str(ARTIFACTS / "browser_3d.png"), full_page=True)
+    finally:
+        (ARTIFACTS / "browser_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+        page.close()
+    assert (ARTIFACTS / "browser_app.png").stat().st_size > 10_000
+    print("browser timings:", timings)

@@ -1,0 +1,154 @@
+"""universal.pseudo: pseudo-labels never overwrite ground truth; confidence rules; quality report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from universal.data import case_targets, load_manifest, prepare_case, validate_manifest, write_phantom_dataset
+from universal.pseudo import PseudoLabelConfig, merge_with_ground_truth, pseudo_label, quality_flags
+
+CLASSES = ["spleen", "right kidney", "left kidney", "liver", "liver tumor", "lung tumor"]
+LABEL_SETS = {
+    "organs": ["liver", "spleen", "right kidney", "left kidney"],
+    "liver_tumour": ["liver", "liver tumor"],
+    "lung_tumour": ["lung tumor"],
+}
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return write_phantom_dataset(
+        tmp_path_factory.mktemp("ds"), 3, (48, 48, 40), (3.0, 3.0, 3.0), LABEL_SETS, unlabeled=1
+    )
+
+
+@pytest.fixture(scope="module")
+def model():
+    from universal.model import create_model
+
+    torch.manual_seed(0)
+    m = create_model(
+        "segresnet",
+        classes=CLASSES,
+        encoder="onehot",
+        embed_dim=len(CLASSES),
+        embeddings=np.eye(len(CLASSES), dtype=np.float32),
+        preprocessing={"orientation": "RAS", "spacing": [3.0, 3.0, 3.0], "window": [-175.0, 250.0]},
+        init_filters=16,
+        blocks_down=[1, 1, 1],
+        blocks_up=[1, 1],
+    )
+    return m.eval()
+
+
+def _targets(case, classes):
+    from universal.io import load_volume
+
+    vol = load_volume(case.image)
+    return case_targets(case, vol, classes)
+
+
+def test_pseudo_labels_never_overwrite_ground_truth(manifest, model, tmp_path):
+    # an untrained model with no confidence bar: large, wrong predictions everywhere stress the merge
+    new_path, report = pseudo_label(manifest, model, tmp_path, min_confidence=0.0, patch_size=16, device="cpu")
+    old, new = load_manifest(manifest), load_manifest(new_path)
+    assert new.problems == () and validate_manifest(new, read_labels=True) == []
+    assert new.names == old.names
+    for o, n in zip(old.cases, new.cases):
+        gt = [c for c in o.annotated_classes() if c in CLASSES]
+        assert n.ground_truth_classes() == tuple(gt)
+        assert set(n.annotated_classes()) == set(CLASSES)  # every class is now annotated (GT or pseudo)
+        assert set(n.pseudo) == set(CLASSES) - set(gt)
+        assert n.meta["source_dataset"] == o.dataset
+        if gt:
+            np.testing.assert_array_equal(_targets(n, gt), _targets(o, gt))  # ground truth, voxel for voxel
+        assert n.availability(CLASSES).all()
+    # report: JSON + CSV, one row per case and class
+    assert [c["case"] for c in report["cases"]] == old.names
+    saved = json.loads((tmp_path / "quality_report.json").read_text())
+    assert saved["manifest"] == str(new_path)
+    rows = list(csv.DictReader(open(tmp_path / "quality_report.csv")))
+    assert len(rows) == len(old.names) * len(CLASSES)
+    liver = report["cases"][0]["classes"]["liver"]
+    assert liver["source"] == "ground truth" and liver["volume_ml"] > 0 and 0 <= liver["agreement_dsc"] <= 1
+    # the pseudo-labelled manifest trains: availability all True, masks on the training grid
+    prepared = prepare_case(new["case002"], CLASSES, spacing=3.0)
+    assert prepared.available.all()
+
+
+def test_unconfident_predictions_stay_unannotated(manifest, model, tmp_path):
+    new_path, report = pseudo_label(manifest, model, tmp_path, min_confidence=0.999, patch_size=16)
+    new = load_manifest(new_path)
+    case = new["case002"]  # lung tumour only in its ground truth
+    rows = report["cases"][2]["classes"]
+    dropped = [c for c, r in rows.items() if r["source"] == "dropped"]
+    assert dropped, "an untrained model cannot reach a mean probability of 0.999"
+    assert not set(dropped) & set(case.annotated_classes())
+    assert "lung tumor" in case.annotated_classes()
+    assert any("low confidence" in f for f in report["cases"][2]["flags"])
+    assert report["flagged"]
+
+
+def test_merge_keeps_ground_truth_and_parents():
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    shape = (20, 12, 10)
+    liver = np.zeros(shape, bool)
+    liver[2:9, 2:10, 2:8] = True
+    tumour = np.zeros(shape, bool)
+    tumour[7:12, 4:7, 3:6] = True  # pseudo tumour half outside the ground-truth liver
+    spleen = np.zeros(shape, bool)
+    spleen[5:16, 3:9, 2:8] = True  # pseudo spleen overlapping the liver
+    rk = np.zeros(shape, bool)
+    rk[14:18, 2:6, 2:6] = True  # right kidney: larger x
+    lk = np.zeros(shape, bool)
+    lk[1:4, 10:12, 8:10] = True
+    ktum = np.zeros(shape, bool)
+    ktum[15:17, 3:5, 3:5] = True
+    classes = ["spleen", "right kidney", "left kidney", "liver", "kidney tumor", "liver tumor"]
+    label, decoded = merge_with_ground_truth(
+        {"liver": liver, "right kidney": rk, "left kidney": lk},
+        {"liver tumor": tumour, "spleen": spleen, "kidney tumor": ktum},
+        affine,
+        classes,
+    )
+    for name, gt in (("liver", liver), ("right kidney", rk), ("left kidney", lk)):
+        np.testing.assert_array_equal(decoded[name], gt)
+    np.testing.assert_array_equal(decoded["liver tumor"], tumour & liver)  # clipped to its GT parent
+    assert not (decoded["spleen"] & liver).any()  # a pseudo organ never paints over a GT organ
+    np.testing.assert_array_equal(decoded["kidney tumor"], ktum)
+    assert label.dtype == np.int16 and set(np.unique(label)) <= {0, 1, 2, 3, 6, 26, 27}
+
+
+def test_left_right_plausibility_flag():
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    right, left = np.zeros((20, 8, 8), bool), np.zeros((20, 8, 8), bool)
+    right[2:5, 2:5, 2:5] = True  # right kidney at *smaller* world x: implausible in RAS+
+    left[14:17, 2:5, 2:5] = True
+    rows = {"right kidney": {"source": "pseudo", "components": 1, "mean_confidence": 0.95},
+            "left kidney": {"source": "pseudo", "components": 1, "mean_confidence": 0.95}}
+    flags = quality_flags({"right kidney": right, "left kidney": left}, affine, rows, PseudoLabelConfig())
+    assert any("left/right implausible" in f for f in flags)
+    flags = quality_flags({"right kidney": left, "left kidney": right}, affine, rows, PseudoLabelConfig())
+    assert flags == []
+
+
+def test_real_dicom_ground_truth_survives(shared_data, model, tmp_path):
+    src = tmp_path / "real.json"
+    src.write_text(json.dumps({"cases": [{
+        "name": "liver3", "image": str(shared_data / "dcmqi_liver_3slice"),
+        "label": str(shared_data / "dcmqi_liver_3slice/liver_seg.nrrd"), "dataset": "dcmqi_liver"}]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 3 slices: io warns about the thin volume
+        new_path, report = pseudo_label(src, model, tmp_path / "out", min_confidence=0.0, patch_size=16)
+        old, new = load_manifest(src)["liver3"], load_manifest(new_path)["liver3"]
+        a, b = _targets(old, ["liver"]), _targets(new, ["liver"])
+    assert a.sum() > 10_000
+    np.testing.assert_array_equal(a, b)
+    assert new.ground_truth_classes() == ("liver",)

@@ -1,0 +1,239 @@
+"""universal.train: config, masked back-propagation, a short run, exact resume, DDP on 2 CPU processes."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from universal.data import PatchDataset, load_manifest, prepare_case, write_phantom_dataset
+from universal.errors import InputError
+from universal.train import DEFAULT_CONFIG, load_config, lr_factor, resolve_config, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["spleen", "right kidney", "left kidney", "liver", "liver tumor", "lung tumor"]
+LABEL_SETS = {
+    "organs": ["liver", "spleen", "right kidney", "left kidney"],
+    "liver_tumour": ["liver", "liver tumor"],
+    "lung_tumour": ["lung tumor"],
+}
+TINY_BACKBONE = {"init_filters": 16, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]}
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return write_phantom_dataset(tmp_path_factory.mktemp("ds"), 3, (48, 48, 40), (3.0, 3.0, 3.0), LABEL_SETS)
+
+
+def tiny_config(manifest: Path, out_dir: Path, **train_overrides) -> dict:
+    return {
+        "model": {"classes": CLASSES, "encoder": "onehot", "kwargs": dict(TINY_BACKBONE)},
+        "data": {"train": str(manifest), "spacing_mm": 3.0, "patch_size": 16, "samples_per_case": 2},
+        "optim": {"lr": 3e-3, "warmup_steps": 1},
+        "train": {"steps": 4, "batch_size": 2, "out_dir": str(out_dir), "ckpt_every": 0, "progress": False,
+                  "resume": "auto", **train_overrides},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- config
+def test_config_errors_are_listed():
+    with pytest.raises(InputError) as err:
+        resolve_config({"model": {"backbon": "x"}, "optim": {"name": "sgd"}, "train": {"steps": 0}, "extra": {}})
+    text = str(err.value)
+    for needle in ("model.backbon", "data.train is required", "optim.name", "train.steps", "unknown section 'extra'"):
+        assert needle in text
+    cfg = resolve_config({"data": {"train": "x.json", "patch_size": 32, "spacing_mm": 2}})
+    assert cfg["data"]["patch_size"] == [32, 32, 32] and cfg["data"]["spacing_mm"] == [2.0, 2.0, 2.0]
+    assert cfg["optim"] == DEFAULT_CONFIG["optim"]
+
+
+def test_load_config_yaml_and_toml(tmp_path):
+    (tmp_path / "a.yaml").write_text("data:\n  train: m/train.json\ntrain:\n  out_dir: run\n  resume: auto\n")
+    (tmp_path / "b.toml").write_text('[data]\ntrain = "m/train.json"\n[train]\nout_dir = "/abs/run"\n')
+    a, b = load_config(tmp_path / "a.yaml"), load_config(tmp_path / "b.toml")
+    assert a["data"]["train"] == str((tmp_path / "m/train.json").resolve())
+    assert a["train"]["out_dir"] == str((tmp_path / "run").resolve()) and a["train"]["resume"] == "auto"
+    assert b["data"]["train"] == a["data"]["train"] and b["train"]["out_dir"] == "/abs/run"
+    (tmp_path / "c.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(InputError, match="cannot be parsed"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_example_config_is_valid():
+    cfg = resolve_config(load_config(ROOT / "configs" / "example_phantom.yaml"))
+    assert cfg["data"]["train"].endswith("manifest.json")
+
+
+def test_warmup_cosine_schedule():
+    f = [lr_factor(s, 10, 2) for s in range(10)]
+    assert f[0] == 0.5 and f[1] == 1.0 and f[2] == 1.0
+    assert all(a >= b for a, b in zip(f[2:], f[3:]))  # monotone decay after warm-up
+    assert lr_factor(9, 10, 2, min_ratio=0.1) > 0.1
+
+
+# ------------------------------------------------------------------------------------------- masked gradients
+def test_unavailable_classes_get_no_gradient(manifest):
+    from universal.loss import masked_bce_dice
+    from universal.model import create_model
+
+    m = load_manifest(manifest)
+    prepared = [prepare_case(c, CLASSES, spacing=3.0) for c in m.cases]
+    ds = PatchDataset(prepared, (16, 16, 16), CLASSES, samples_per_case=1)
+    batch = [ds[i] for i in range(3)]  # one patch of each dataset
+    x = torch.stack([b["image"] for b in batch])
+    target = torch.stack([b["target"] for b in batch]).float()
+    avail = torch.stack([b["available"] for b in batch])
+    k = CLASSES.index("lung tumor")
+    avail[:, k] = False  # class k is available in no case
+
+    torch.manual_seed(0)
+    model = create_model("segresnet", classes=CLASSES, encoder="onehot", embed_dim=len(CLASSES), **TINY_BACKBONE)
+
+    def grads(tgt):
+        model.zero_grad(set_to_none=True)
+        logits = model(x)
+        logits.retain_grad()
+        masked_bce_dice(logits, tgt, avail).backward()
+        return logits.grad.clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    g_logits, g_params = grads(target)
+    assert torch.count_nonzero(g_logits[:, k]) == 0  # exactly zero, not merely small
+    unavailable = ~avail
+    assert torch.count_nonzero(g_logits[unavailable]) == 0
+    assert torch.count_nonzero(g_logits[avail]) > 0
+    # at the model level: what an unavailable class's target says changes no parameter gradient
+    garbage = target.clone()
+    garbage[unavailable] = 1.0 - garbage[unavailable]
+    g_logits2, g_params2 = grads(garbage)
+    assert torch.equal(g_logits, g_logits2)
+    assert g_params.keys() == g_params2.keys()
+    assert all(torch.equal(g_params[n], g_params2[n]) for n in g_params)
+    # no parameter is specific to one class (the prompt embeddings are a buffer, not trained)
+    assert "organ_embedding" in dict(model.named_buffers())
+
+
+# ------------------------------------------------------------------------------------------------ short runs
+def test_short_run_lowers_the_loss(manifest, tmp_path):
+    from universal.loss import masked_bce_dice
+    from universal.model import load_checkpoint
+
+    cfg = tiny_config(manifest, tmp_path / "run", steps=14, val_every=7)
+    cfg["data"]["val"] = str(manifest)
+    result = train(cfg)
+    assert result.step == 14 and result.checkpoint == tmp_path / "run" / "model.pt"
+
+    # loss on fixed patches: the initial weights (same seed) vs the trained ones
+    m = load_manifest(manifest)
+    prepared = [prepare_case(c, CLASSES, spacing=3.0) for c in m.cases]
+    ds = PatchDataset(prepared, (16, 16, 16), CLASSES, samples_per_case=1, pos_neg_ratio=(1, 0), seed=99)
+    items = [ds[i] for i in range(6)]
+    x = torch.stack([b["image"] for b in items])
+    y = torch.stack([b["target"] for b in items]).float()
+    a = torch.stack([b["available"] for b in items])
+    from universal.train import _build_model
+
+    torch.manual_seed(0)
+    initial = _build_model(resolve_config(cfg)).eval()
+    trained = load_checkpoint(result.checkpoint).eval()
+    with torch.no_grad():
+        before, after = masked_bce_dice(initial(x), y, a).item(), masked_bce_dice(trained(x), y, a).item()
+    assert after < before - 0.05, (before, after)
+
+    # the checkpoint carries everything segment needs
+    assert trained.class_names == CLASSES and trained.encoder_name.startswith("onehot")
+    assert trained.preprocessing["spacing"] == [3.0, 3.0, 3.0] and trained.preprocessing["window"] == [-175.0, 250.0]
+    assert trained.checkpoint_extra["training"]["patch_size"] == [16, 16, 16]
+    # logs: one row per step, validation DSC per class
+    rows = list(csv.DictReader(open(tmp_path / "run" / "train_log.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 15))
+    val = list(csv.DictReader(open(tmp_path / "run" / "val_log.csv")))
+    assert [int(r["step"]) for r in val] == [7, 14] and set(CLASSES) <= set(val[0])
+    assert len(result.validation) == 2 and set(result.validation[-1]["dsc"]) == set(CLASSES)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 14
+
+
+def test_resume_equals_uninterrupted(manifest, tmp_path):
+    straight = train(tiny_config(manifest, tmp_path / "a", steps=4))
+    cfg_b = tiny_config(manifest, tmp_path / "b", steps=4)
+    half = train(cfg_b, stop_after=2)
+    assert half.step == 2 and half.checkpoint == tmp_path / "b" / "checkpoints" / "last.pt"
+    resumed = train(cfg_b)
+    assert resumed.resumed_from == 2 and resumed.step == 4
+    sa, sb = straight.model.state_dict(), resumed.model.state_dict()
+    worst = max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)
+    assert worst <= 1e-6, worst
+    la = [h["loss"] for h in straight.history]
+    lb = [h["loss"] for h in half.history] + [h["loss"] for h in resumed.history]
+    np.testing.assert_allclose(la, lb, rtol=0, atol=1e-6)
+    rows = list(csv.DictReader(open(tmp_path / "b" / "train_log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    # resuming a finished run does nothing more; resume=false starts over
+    again = train(cfg_b)
+    assert again.step == 4 and again.resumed_from == 4 and again.history == []
+
+
+def test_adamw_and_novograd_and_synthesis_hook(manifest, tmp_path):
+    cfg = tiny_config(manifest, tmp_path / "n", steps=1)
+    cfg["optim"]["name"] = "novograd"
+    cfg["synthesis"] = {"hook": "tests.test_train:_brighten", "prob": 1.0, "kwargs": {"amount": 0.0}}
+    result = train(cfg)
+    assert result.step == 1 and np.isfinite(result.history[0]["loss"])
+    bad = copy.deepcopy(cfg)
+    bad["synthesis"]["hook"] = "no_such_module:fn"
+    with pytest.raises(InputError, match="cannot be imported"):
+        train(bad)
+
+
+def _brighten(image, target, available, *, classes, rng, amount):
+    return image + amount, target, available
+
+
+# -------------------------------------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_ranks_hold_identical_weights(manifest, tmp_path):
+    cfg = tiny_config(manifest, tmp_path / "ddp", steps=2, resume=False)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(cfg))
+    script = tmp_path / "ddp_run.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os, torch
+        from universal.train import train
+        cfg = json.load(open({str(cfg_path)!r}))
+        result = train(cfg)
+        rank = int(os.environ["RANK"])
+        torch.save(result.model.state_dict(), os.path.join({str(tmp_path)!r}, f"rank{{rank}}.pt"))
+        json.dump([h["loss"] for h in result.history], open(os.path.join({str(tmp_path)!r}, f"loss{{rank}}.json"), "w"))
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert s0.keys() == s1.keys()
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    # the weights moved, and only rank 0 logged
+    torch.manual_seed(0)
+    from universal.train import _build_model
+
+    init = _build_model(resolve_config(cfg)).state_dict()
+    assert any(not torch.equal(init[k], s0[k]) for k in s0 if s0[k].is_floating_point())
+    assert len(json.load(open(tmp_path / "loss0.json"))) == 2 and json.load(open(tmp_path / "loss1.json")) == []
+    assert (tmp_path / "ddp" / "model.pt").is_file()

@@ -1,0 +1,1251 @@
+"""Reading and writing CT volumes and label maps (NIfTI, NRRD, MHA, DICOM folder/zip, DICOM-SEG) on a RAS+ grid.
+
+Every loader returns arrays in **RAS+ voxel order** (first axis toward the patient's Right, second Anterior, third
+Superior) with a (4, 4) voxel → world (RAS+, mm) affine, and remembers the file's own voxel order
+(:class:`SourceInfo`) so that results can be written back on exactly the input grid:
+
+>>> import numpy as np
+>>> hu = np.full((16, 16, 12), -1000.0, np.float32); hu[4:12, 4:12, 2:10] = 40.0
+>>> vol = volume_from_array(hu, spacing=(0.8, 0.8, 2.5))
+>>> vol.shape, vol.spacing
+((16, 16, 12), (0.8, 0.8, 2.5))
+
+SimpleITK images are LPS+: their direction/origin are converted to a RAS+ affine by negating the first two rows.
+Reorientation uses ``nibabel.orientations`` (flips and axis permutations only, never interpolation); an oblique
+file gets the *nearest* RAS+ voxel order and keeps its true (oblique) affine. Nothing is clamped or resampled
+silently: unusual inputs raise :class:`~universal.errors.InputError` (with a sentence saying what to do) or warn
+with :class:`~universal.errors.InputWarning`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import secrets
+import stat
+import sys
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from universal.errors import InputError, InputWarning
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "SourceInfo",
+    "Volume",
+    "case_name",
+    "check_ct",
+    "label_grid",
+    "load_label",
+    "load_volume",
+    "save_label_map",
+    "save_mask",
+    "save_volume",
+    "volume_from_array",
+]
+
+DEFAULT_MAX_BYTES = 2 * 1024**3
+"""Largest file / folder / archive content / in-memory float32 array that a loader accepts (2 GiB)."""
+MAX_ZIP_MEMBERS = 20_000
+"""Most members a ``.zip`` may hold (zip-bomb guard)."""
+MAX_DICOM_FILES = 20_000
+"""Most files a DICOM folder (all sub-folders together) may hold."""
+THICK_SLICE_MM = 6.0
+"""Voxel spacing above which :func:`check_ct` warns about thick slices."""
+FEW_SLICES = 8
+"""Fewer voxels than this along an axis gives a warning (fewer than 2 is an error)."""
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".zip")
+LABEL_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+_FORMATS = {
+    ".nii": "nifti",
+    ".nii.gz": "nifti",
+    ".nrrd": "nrrd",
+    ".nhdr": "nrrd",
+    ".mha": "mha",
+    ".mhd": "mha",
+}
+_FORMAT_TITLES = {
+    "nifti": "NIfTI",
+    "nrrd": "NRRD",
+    "mha": "MetaImage",
+    "dicom": "DICOM",
+    "dicom-seg": "DICOM-SEG",
+}
+_PICTURES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+_MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF"}
+_NON_IMAGE_MODALITIES = {
+    "SEG",
+    "RTSTRUCT",
+    "RTPLAN",
+    "RTRECORD",
+    "RTDOSE",
+    "SR",
+    "PR",
+    "KO",
+    "REG",
+    "DOC",
+    "RWV",
+}
+_SUPPORTED_TEXT = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), a DICOM folder or a .zip of DICOM files"
+_RAS_ORNT = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+# ----------------------------------------------------------------------------------------------- data classes
+@dataclass(frozen=True, eq=False)
+class SourceInfo:
+    """Where a volume came from, so results can be written back on the file's own grid.
+
+    Attributes:
+        path: The file or folder read.
+        format: ``"nifti"``, ``"nrrd"``, ``"mha"``, ``"dicom"``, ``"dicom-zip"`` or ``"array"``.
+        original_affine: (4, 4) voxel → RAS+ mm affine of the file's own voxel order.
+        original_shape: Shape of the array in the file's own voxel order.
+        ornt: nibabel orientation transform (3, 2) from the file's voxel order to RAS+.
+        meta: Small dict of non-identifying metadata (e.g. DICOM ``series_uid``, ``modality``, ``n_slices``,
+            ``warnings``: the messages of the :class:`~universal.errors.InputWarning` issued while loading).
+    """
+
+    path: str
+    format: str
+    original_affine: np.ndarray
+    original_shape: tuple[int, int, int]
+    ornt: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """A CT volume in Hounsfield units on a RAS+ voxel grid.
+
+    Attributes:
+        array: float32 array (X, Y, Z) in HU, RAS+ voxel order.
+        affine: (4, 4) float64 voxel → world (RAS+, mm) affine.
+        name: Case name (derived from the file name).
+        source: Where it came from (``None`` for arrays made in memory already in RAS+ order).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    name: str = "volume"
+    source: SourceInfo | None = None
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel spacing in mm, in array axis order."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    def with_array(self, array: np.ndarray) -> Volume:
+        """The same grid and source with another array (e.g. a mask or probabilities)."""
+        if tuple(array.shape[-3:]) != self.shape:
+            raise ValueError(f"array shape {array.shape} does not match the volume grid {self.shape}")
+        return replace(self, array=array)
+
+    def to_source_order(self, array: np.ndarray) -> np.ndarray:
+        """Map an array on this RAS+ grid (shape ``(..., X, Y, Z)``) to the source file's own voxel order.
+
+        Only flips and axis permutations of the last three axes (a view, no interpolation, no copy), so saving the
+        result with ``source.original_affine`` reproduces the input file's grid exactly. Leading (channel) axes are
+        kept. Without a source the array is returned unchanged.
+        """
+        arr = np.asarray(array)
+        if arr.ndim < 3 or tuple(arr.shape[-3:]) != self.shape:
+            raise ValueError(f"array shape {arr.shape} does not end with the volume grid {self.shape}")
+        if self.source is None:
+            return arr
+        from nibabel.orientations import ornt_transform
+
+        return _apply_ornt(arr, ornt_transform(_RAS_ORNT, self.source.ornt))
+
+    def __repr__(self) -> str:
+        fmt = self.source.format if self.source is not None else "array"
+        spacing = ", ".join(f"{s:g}" for s in self.spacing)
+        return f"Volume(name={self.name!r}, shape={self.shape}, spacing=({spacing}) mm, format={fmt!r})"
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def volume_from_array(
+    array: np.ndarray,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    affine: np.ndarray | None = None,
+    name: str = "array",
+    *,
+    check: bool = True,
+) -> Volume:
+    """Wrap an (X, Y, Z) HU array as a :class:`Volume`, validated like a file (:func:`check_ct`).
+
+    Args:
+        array: (X, Y, Z) intensities in HU (any real dtype; kept without a copy when already float32).
+        spacing: Voxel size in mm (used when ``affine`` is ``None``).
+        affine: Optional (4, 4) voxel → RAS+ mm affine. If its axes are not RAS+ the array is reoriented
+            (flips/permutations) and the original order is kept in ``source`` (format ``"array"``).
+        name: Case name.
+        check: Run :func:`check_ct` (errors for non-HU data, 2-D input...). ``False`` skips it.
+
+    >>> v = volume_from_array(np.zeros((10, 10, 10), np.float32) - 1000, spacing=(2, 2, 3))
+    >>> v.spacing
+    (2.0, 2.0, 3.0)
+    """
+    arr = np.asarray(array)
+    if arr.dtype.fields is not None or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise InputError(
+            f"{name} has pixel type {arr.dtype} (e.g. RGB): a CT must be one grey value (HU) per voxel; "
+            "convert it to a single-channel array first."
+        )
+    if np.iscomplexobj(arr):
+        raise InputError(f"{name} is complex-valued; pass the real HU intensities.")
+    shape = _check_shape(arr.shape, name)
+    if arr.shape != shape:
+        arr = arr.reshape(shape)
+    if affine is None:
+        sp = tuple(float(s) for s in spacing)
+        if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
+            raise InputError(f"{name}: invalid voxel spacing {spacing}; give three positive sizes in mm.")
+        aff = np.diag([*sp, 1.0])
+    else:
+        aff = np.array(affine, dtype=np.float64)
+        if aff.shape != (4, 4):
+            raise ValueError(f"affine must be (4, 4), got {aff.shape}")
+        if tuple(spacing) != (1.0, 1.0, 1.0) and not np.allclose(
+            np.linalg.norm(aff[:3, :3], axis=0), spacing, atol=1e-4
+        ):
+            raise ValueError(
+                f"spacing {spacing} disagrees with the affine's voxel sizes; give only one of them"
+            )
+    ornt, oblique = _orientation(aff, name)
+    if np.array_equal(ornt, _RAS_ORNT):
+        vol = Volume(array=np.asarray(arr, dtype=np.float32), affine=aff, name=name)
+    else:
+        from nibabel.orientations import inv_ornt_aff
+
+        source = SourceInfo(
+            path="", format="array", original_affine=aff, original_shape=shape, ornt=ornt, meta={}
+        )
+        ras = np.ascontiguousarray(_apply_ornt(arr, ornt), dtype=np.float32)
+        vol = Volume(array=ras, affine=aff @ inv_ornt_aff(ornt, shape), name=name, source=source)
+    if check:
+        msgs = [*oblique, *check_ct(vol.array, vol.spacing, name=name, warn=False)]
+        _emit(msgs)
+        if vol.source is not None:
+            vol.source.meta["warnings"] = msgs
+    return vol
+
+
+def load_volume(
+    path: str | os.PathLike[str],
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    series: str | None = None,
+    rescale: tuple[float, float] | None = None,
+) -> Volume:
+    """Load a CT as a float32 HU :class:`Volume` on a RAS+ grid.
+
+    Args:
+        path: A ``.nii``/``.nii.gz`` (nibabel), ``.nrrd``/``.nhdr``/``.mha``/``.mhd`` (SimpleITK) file, a folder
+            holding a DICOM series (sub-folders are searched; RescaleSlope/Intercept applied) or a ``.zip`` of DICOM
+            files (extracted safely into a temporary folder that is removed afterwards).
+        max_bytes: Limit for the file / folder / archive content size and for the float32 array in memory.
+        series: SeriesInstanceUID to load when a DICOM folder holds several image series (default: the series with
+            the most slices, with an :class:`~universal.errors.InputWarning` naming the others).
+        rescale: ``(slope, intercept)`` to apply to the stored values for files exported without a HU rescale (e.g.
+            ``(1, -1024)``); when given, the "not Hounsfield units" check is skipped (you vouch for the values).
+
+    Raises:
+        InputError: missing/empty/corrupt/too large file, unsupported type, picture, 2-D, RGB, 4-D, single slice,
+            intensities that are not HU, no DICOM in a folder, unknown ``series``.
+
+    >>> vol = load_volume("ct.nii.gz")  # doctest: +SKIP
+    >>> vol.array.dtype, vol.source.format  # doctest: +SKIP
+    (dtype('float32'), 'nifti')
+    """
+    p = Path(path)
+    name = case_name(p)
+    if not p.exists():
+        raise InputError(f"{p} does not exist: check the path (expected {_SUPPORTED_TEXT}).")
+    if p.is_dir():
+        return _load_dicom_dir(
+            p, p, name=name, fmt="dicom", max_bytes=max_bytes, series=series, rescale=rescale
+        )
+    size = _file_size(p)
+    suffix = _suffix(p)
+    if suffix == ".dcm":
+        _single_dicom_error(p)
+    _check_picture(p, suffix, size)
+    if suffix not in _FORMATS and suffix != ".zip":
+        raise InputError(
+            f"{p.name}: unsupported file type {suffix or '(no extension)'!r}; supported are {_SUPPORTED_TEXT}."
+        )
+    _check_bytes(size, max_bytes, p.name)
+    if suffix == ".zip":
+        with tempfile.TemporaryDirectory(prefix="universal-dicom-zip-") as tmp:
+            n_files = _extract_zip(p, Path(tmp), max_bytes)
+            return _load_dicom_dir(
+                Path(tmp),
+                p,
+                name=name,
+                fmt="dicom-zip",
+                max_bytes=max_bytes,
+                series=series,
+                rescale=rescale,
+                n_files=n_files,
+            )
+    fmt = _FORMATS[suffix]
+    if fmt == "nifti":
+        raw, affine, slope, inter, meta = _read_nifti(p, max_bytes)
+        return _finish(raw, affine, p, fmt, name, meta, slope=slope, inter=inter, rescale=rescale, owned=True)
+    img = _read_sitk(p, fmt, max_bytes)
+    raw, affine = _sitk_to_numpy(img)
+    return _finish(raw, affine, p, fmt, name, {}, rescale=rescale, owned=False)
+
+
+def load_label(
+    path: str | os.PathLike[str], like: Volume | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> np.ndarray:
+    """Load a label map (integer array, X, Y, Z) on ``like``'s RAS+ grid (or on its own RAS+ grid).
+
+    The file (NIfTI, NRRD, MHA or a DICOM-SEG ``.dcm``; segment numbers become label values) is reoriented to RAS+.
+    If its grid equals ``like``'s (shape, and affine within 1e-3 mm) it is returned as is; if it differs by a
+    whole-voxel offset it is cropped/padded exactly; otherwise it is resampled nearest-neighbour through the
+    affines (world coordinates) with an :class:`~universal.errors.InputWarning`.
+
+    Raises:
+        InputError: unreadable file, not 3-D, non-integer values, or no overlap with ``like``'s field of view.
+    """
+    p = Path(path)
+    lab, affine = _read_label_ras(p, max_bytes)
+    if like is None:
+        return lab
+    return _label_onto(lab, affine, like, case_name(p))
+
+
+def label_grid(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
+    """A label file's own RAS+ grid as a :class:`Volume` (no HU checks).
+
+    Its ``array`` holds the label values as float32 (not HU); ``source`` lets masks on this grid be written back
+    onto the label file's grid with :func:`save_mask`. Useful when only labels exist (evaluation).
+    """
+    p = Path(path)
+    raw, affine, fmt, meta = _read_label_raw(p, max_bytes)
+    vol = _finish(raw, affine, p, fmt, case_name(p), meta, owned=True, check=False)
+    return vol
+
+
+def save_mask(mask: np.ndarray, like: Volume, path: str | os.PathLike[str], dtype: Any = np.uint8) -> Path:
+    """Write a mask on ``like``'s RAS+ grid to a NIfTI file on the source's original grid and affine (atomic).
+
+    Args:
+        mask: (X, Y, Z) array on ``like``'s grid (bool or integer; values must fit ``dtype`` exactly).
+        like: The volume the mask belongs to (its ``source`` gives the original voxel order and affine).
+        path: Output file: ``.nii.gz`` (or ``.nii``; ``.nrrd``/``.mha`` are written with SimpleITK).
+        dtype: Stored integer type.
+
+    Returns:
+        The path written.
+    """
+    arr = np.asarray(mask)
+    if arr.shape != like.shape:
+        raise ValueError(f"mask shape {arr.shape} does not match the volume grid {like.shape}")
+    data = _cast_exact(arr, np.dtype(dtype), "mask")
+    return _write_image(like.to_source_order(data), _source_affine(like), Path(path), like)
+
+
+def save_label_map(label_map: np.ndarray, like: Volume, path: str | os.PathLike[str]) -> Path:
+    """:func:`save_mask` for a label map: stored as uint8 when the values fit 0..255, else int16 (or int32)."""
+    arr = np.asarray(label_map)
+    if arr.dtype.kind not in "biu":
+        raise ValueError(f"a label map must hold integers, got {arr.dtype}")
+    return save_mask(arr, like, path, dtype=_int_dtype_for(arr))
+
+
+def save_volume(volume: Volume, path: str | os.PathLike[str], dtype: Any = None) -> Path:
+    """Write a volume (HU) to a file on its source's original grid and affine (atomic).
+
+    Args:
+        volume: The volume.
+        path: ``.nii.gz``/``.nii`` (or ``.nrrd``/``.mha``).
+        dtype: ``None`` → int16 when every value is an integer in the int16 range, else float32;
+            ``np.int16`` rounds to the nearest integer (values outside int16 raise); ``np.float32`` keeps values.
+    """
+    arr = volume.array
+    if dtype is None:
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        exact = -32768 <= lo and hi <= 32767 and bool(np.all(np.mod(arr, 1) == 0))
+        dtype = np.int16 if exact else np.float32
+    dt = np.dtype(dtype)
+    data = _cast_exact(np.rint(arr) if dt.kind in "iu" else arr, dt, "volume")
+    return _write_image(volume.to_source_order(data), _source_affine(volume), Path(path), volume)
+
+
+def check_ct(
+    array: np.ndarray,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    *,
+    name: str = "volume",
+    modality: str | None = None,
+    check_hu: bool = True,
+    warn: bool = True,
+) -> list[str]:
+    """Validate a CT array; raise :class:`~universal.errors.InputError` or return (and warn) warning messages.
+
+    Errors: not 3-D (2-D, 4-D/RGB), an axis with fewer than 2 voxels, invalid spacing, NaN/inf values, and (with
+    ``check_hu``) intensities that are not Hounsfield units: a 0–255 range (8-bit picture, mask, normalised data),
+    non-negative values beyond 255 (raw scanner values without RescaleSlope/Intercept) or a range narrower than
+    50 (normalised/standardised). Warnings (:class:`~universal.errors.InputWarning`): fewer than
+    :data:`FEW_SLICES` voxels along an axis, spacing above :data:`THICK_SLICE_MM`, a constant image, a modality
+    other than CT.
+
+    Args:
+        array: Intensities, (X, Y, Z).
+        spacing: Voxel size in mm, array axis order.
+        name: Used in messages.
+        modality: DICOM modality if known (``"CT"``...).
+        check_hu: Run the Hounsfield-unit checks.
+        warn: Also issue the warnings (else only return them).
+
+    Returns:
+        The warning messages.
+    """
+    arr = np.asarray(array)
+    shape = _check_shape(arr.shape, name)
+    msgs: list[str] = []
+    sp = tuple(float(s) for s in spacing)
+    if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
+        raise InputError(
+            f"{name}: invalid voxel spacing {spacing} mm; the file's geometry is damaged, re-export it."
+        )
+    if modality and modality.upper() != "CT":
+        msgs.append(
+            f"{name} is modality {modality}, not CT: the model segments CT in Hounsfield units, "
+            "so results on other modalities are meaningless."
+        )
+    few = [(ax, n) for ax, n in enumerate(shape) if n < FEW_SLICES]
+    if few:
+        desc = ", ".join(f"{n} along axis {ax}" for ax, n in few)
+        msgs.append(
+            f"{name} has very few voxels ({desc}; shape {shape}); expect poor results near the edges."
+        )
+    thick = max(sp)
+    if thick > THICK_SLICE_MM:
+        msgs.append(
+            f"{name} has {thick:.1f} mm thick slices (spacing {_fmt_spacing(sp)} mm); the model works at 1.5 mm, "
+            "so small structures will be coarse. Use a thinner reconstruction if there is one."
+        )
+    if arr.size:
+        lo, hi = float(np.min(arr)), float(np.max(arr))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise InputError(
+                f"{name} contains NaN or infinite values: the file is damaged or came from a failed computation; "
+                "re-export the CT."
+            )
+        if lo == hi:
+            msgs.append(f"{name} has the same value ({lo:g}) in every voxel: an empty image?")
+        elif check_hu:
+            _check_hu(lo, hi, name)
+    if warn:
+        _emit(msgs)
+    return msgs
+
+
+def case_name(path: str | os.PathLike[str]) -> str:
+    """Case name of a path: the file name without its known extension (``.nii.gz`` stripped fully), or the folder name.
+
+    >>> case_name("/data/case_001.nii.gz"), case_name("scan.v2.nrrd"), case_name("/data/patient7/")
+    ('case_001', 'scan.v2', 'patient7')
+    """
+    p = Path(path)
+    n = p.name or Path(os.path.abspath(p)).name
+    low = n.lower()
+    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".zip", ".dcm"):
+        if low.endswith(ext) and len(n) > len(ext):
+            return n[: -len(ext)]
+    return n
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _check_shape(shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
+    """Squeeze trailing singleton axes beyond the third; raise for 2-D, 4-D/RGB and single-slice shapes."""
+    shp = tuple(int(s) for s in shape)
+    while len(shp) > 3 and shp[-1] == 1:
+        shp = shp[:-1]
+    if len(shp) < 3:
+        raise InputError(
+            f"{name} is {len(shp)}-D (shape {shp}), a single image, not a CT volume: pass the whole 3-D scan "
+            "(a NIfTI/NRRD volume, or the folder / .zip holding all DICOM slices of the series)."
+        )
+    if len(shp) > 3:
+        raise InputError(
+            f"{name} is {len(shp)}-D (shape {shp}): an RGB/colour image, a time series or a multi-channel image, "
+            "not one CT volume; export a single 3-D grey-value CT in HU (e.g. one phase)."
+        )
+    flat = [ax for ax, n in enumerate(shp) if n < 2]
+    if flat:
+        raise InputError(
+            f"{name} has a single slice along axis {flat[0]} (shape {shp}); a CT volume needs at least 2 slices "
+            "in every direction: pass the whole series, not one slice."
+        )
+    return shp  # type: ignore[return-value]
+
+
+def _check_hu(lo: float, hi: float, name: str) -> None:
+    hint = "or pass rescale=(slope, intercept) to load_volume (or convert the array) if you know how the values map to HU"
+    if lo >= 0 and hi <= 255:
+        raise InputError(
+            f"{name}: intensities span {lo:g} to {hi:g}, which looks like an 8-bit picture, a mask or normalised "
+            f"data, not Hounsfield units (CT air is about -1000 HU); load the original CT in HU, {hint}."
+        )
+    if lo >= 0:
+        raise InputError(
+            f"{name}: intensities span {lo:g} to {hi:g} with nothing below 0 (no air at -1000 HU): this looks like "
+            "raw scanner values, not Hounsfield units; export with RescaleSlope/Intercept applied, "
+            f"{hint} (often rescale=(1, -1024))."
+        )
+    if hi - lo < 50:
+        raise InputError(
+            f"{name}: intensities span only {lo:g} to {hi:g}: this looks normalised or standardised, not "
+            f"Hounsfield units; load the original CT in HU, {hint}."
+        )
+
+
+def _check_bytes(n: int, max_bytes: int, what: str, kind: str = "") -> None:
+    if n > max_bytes:
+        raise InputError(
+            f"{what}{kind} is {_fmt_bytes(n)}, over the limit of {_fmt_bytes(max_bytes)}: crop or downsample the "
+            "scan, or pass a larger max_bytes= to load_volume if this machine has the memory."
+        )
+
+
+def _file_size(p: Path) -> int:
+    size = p.stat().st_size
+    if size == 0:
+        raise InputError(
+            f"{p.name} is empty (0 bytes): the download or export did not finish; export the file again."
+        )
+    return size
+
+
+def _check_picture(p: Path, suffix: str, size: int) -> None:
+    kind = None
+    if suffix in _PICTURES:
+        kind = suffix[1:].upper()
+    else:
+        with open(p, "rb") as fh:
+            head = fh.read(8)
+        kind = next((k for magic, k in _MAGIC.items() if head.startswith(magic)), None)
+    if kind is not None:
+        raise InputError(
+            f"{p.name} is a {kind} picture (2-D, 8-bit), not a CT volume in Hounsfield units: export the scan as "
+            f"{_SUPPORTED_TEXT}."
+        )
+
+
+def _single_dicom_error(p: Path) -> None:
+    modality = ""
+    with contextlib.suppress(Exception):
+        import pydicom
+
+        modality = str(
+            pydicom.dcmread(str(p), stop_before_pixels=True, force=True).get("Modality", "")
+        ).strip()
+    if modality == "SEG":
+        raise InputError(
+            f"{p.name} is a DICOM-SEG segmentation, not a CT: read it with load_label(path, like=ct)."
+        )
+    raise InputError(
+        f"{p.name} is a single DICOM file (one slice): pass the folder that holds all slices of the series "
+        f"(e.g. {str(p.parent)!r}) or a .zip of it."
+    )
+
+
+def _emit(msgs: list[str]) -> None:
+    """Issue InputWarnings attributed to the first caller outside this module."""
+    if not msgs:
+        return
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    for m in msgs:
+        warnings.warn(m, InputWarning, stacklevel=level)
+
+
+# ----------------------------------------------------------------------------------------------- orientation
+def _orientation(affine: np.ndarray, name: str) -> tuple[np.ndarray, list[str]]:
+    """nibabel orientation transform (file voxel order → RAS+) and warnings for oblique axes."""
+    from nibabel.orientations import io_orientation
+
+    rzs = affine[:3, :3]
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(rzs)) < 1e-12:
+        raise InputError(
+            f"{name} has an invalid (degenerate) orientation matrix; the file's geometry is damaged: re-export it."
+        )
+    ornt = io_orientation(affine)
+    cos = np.abs(rzs / np.linalg.norm(rzs, axis=0)).max(axis=0)
+    angle = float(np.degrees(np.arccos(np.clip(cos.min(), -1.0, 1.0))))
+    msgs = []
+    if angle > 0.1:
+        msgs.append(
+            f"{name} has oblique voxel axes (up to {angle:.1f}° from the patient axes); the array uses the "
+            "nearest RAS+ voxel order and the affine keeps the true geometry (results go back on the original grid)."
+        )
+    return ornt, msgs
+
+
+def _apply_ornt(arr: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """``nibabel.orientations.apply_orientation`` on the *last three* axes (views only)."""
+    lead = arr.ndim - 3
+    out = arr
+    for ax, flip in enumerate(ornt[:, 1]):
+        if flip == -1:
+            out = np.flip(out, axis=lead + ax)
+    perm = np.argsort(ornt[:, 0]) + lead
+    return out.transpose(*range(lead), *perm.tolist())
+
+
+def _finish(
+    raw: np.ndarray,
+    affine: np.ndarray,
+    path: Path,
+    fmt: str,
+    name: str,
+    meta: dict[str, Any],
+    *,
+    slope: float = 1.0,
+    inter: float = 0.0,
+    rescale: tuple[float, float] | None = None,
+    owned: bool,
+    check: bool = True,
+    modality: str | None = None,
+) -> Volume:
+    """File-order array + file affine → RAS+ float32 :class:`Volume` (one copy at most), checked."""
+    from nibabel.orientations import inv_ornt_aff
+
+    ornt, msgs = _orientation(affine, name)
+    ras = _apply_ornt(raw, ornt)
+    # one pass: reorder + convert to float32 C-contiguous; a view into a foreign buffer (SimpleITK) is always copied
+    arr = np.ascontiguousarray(ras, dtype=np.float32) if owned else np.array(ras, dtype=np.float32, order="C")
+    if slope != 1.0:
+        arr *= np.float32(slope)
+    if inter != 0.0:
+        arr += np.float32(inter)
+    if rescale is not None:
+        s, i = (float(v) for v in rescale)
+        if s != 1.0:
+            arr *= np.float32(s)
+        if i != 0.0:
+            arr += np.float32(i)
+    ras_affine = affine @ inv_ornt_aff(ornt, raw.shape)
+    if check:
+        spacing = tuple(float(s) for s in np.linalg.norm(ras_affine[:3, :3], axis=0))
+        msgs = [
+            *meta.pop("_warnings", []),
+            *msgs,
+            *check_ct(arr, spacing, name=name, modality=modality, check_hu=rescale is None, warn=False),
+        ]
+        _emit(msgs)
+        meta["warnings"] = msgs
+    meta.pop("_warnings", None)
+    source = SourceInfo(
+        path=str(path),
+        format=fmt,
+        original_affine=np.asarray(affine, dtype=np.float64),
+        original_shape=tuple(int(s) for s in raw.shape),  # type: ignore[arg-type]
+        ornt=ornt,
+        meta=meta,
+    )
+    return Volume(array=arr, affine=ras_affine, name=name, source=source)
+
+
+# ----------------------------------------------------------------------------------------------- readers
+def _suffix(p: Path) -> str:
+    low = p.name.lower()
+    return ".nii.gz" if low.endswith(".nii.gz") else p.suffix.lower()
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line reason from an exception (ITK/SimpleITK messages stripped of source locations)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Exception thrown in"):
+        lines = lines[1:]
+    text = " ".join(lines) or type(exc).__name__
+    text = re.sub(r"^(?:sitk::ERROR:|ITK ERROR:|itk::ERROR:)\s*(?:\w+\(0x[0-9a-f]+\):\s*)?", "", text)
+    return text[:300]
+
+
+def _read_error(p: Path, fmt: str, exc: BaseException) -> InputError:
+    title = _FORMAT_TITLES.get(fmt, fmt)
+    return InputError(
+        f"{p.name} could not be read as {title}: {_reason(exc)}. The file is probably truncated or not really "
+        f"{title}: download or export it again."
+    )
+
+
+def _read_nifti(p: Path, max_bytes: int) -> tuple[np.ndarray, np.ndarray, float, float, dict[str, Any]]:
+    """File-order unscaled array, affine, scl_slope/inter, header codes."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(p))
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            raise ValueError(f"not a NIfTI image ({type(img).__name__})")
+        dtype = img.get_data_dtype()
+    except Exception as exc:
+        raise _read_error(p, "nifti", exc) from exc
+    if dtype.fields is not None:
+        raise InputError(
+            f"{p.name} stores RGB/colour voxels ({dtype}): a CT must hold one grey value (HU) per voxel; "
+            "export the original CT, not a rendered picture."
+        )
+    if dtype.kind == "c":
+        raise InputError(f"{p.name} is complex-valued: export the real HU intensities.")
+    shape = _check_shape(img.shape, p.name)
+    _check_bytes(int(np.prod(shape)) * 4, max_bytes, p.name, " as float32 in memory")
+    try:
+        raw = np.asarray(img.dataobj.get_unscaled()).reshape(shape)
+        slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
+    except Exception as exc:
+        raise _read_error(p, "nifti", exc) from exc
+    hdr = img.header
+    meta = {"qform_code": int(hdr["qform_code"]), "sform_code": int(hdr["sform_code"])}
+    if slope != 1.0 or inter != 0.0:
+        meta["rescale"] = (slope, inter)
+    return raw, np.asarray(img.affine, dtype=np.float64), slope, inter, meta
+
+
+def _read_sitk(p: Path, fmt: str, max_bytes: int) -> Any:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        with _quiet_itk():
+            reader.ReadImageInformation()
+    except Exception as exc:
+        raise _read_error(p, fmt, exc) from exc
+    ncomp = reader.GetNumberOfComponents()
+    if ncomp > 1:
+        raise InputError(
+            f"{p.name} has {ncomp} values per voxel (an RGB/vector image): a CT must hold one grey value (HU) per "
+            "voxel; export the original CT, not a rendered picture."
+        )
+    shape = _check_shape(tuple(reader.GetSize()), p.name)
+    _check_bytes(int(np.prod(shape)) * 4, max_bytes, p.name, " as float32 in memory")
+    try:
+        with _quiet_itk():
+            return reader.Execute()
+    except Exception as exc:
+        raise _read_error(p, fmt, exc) from exc
+
+
+def _sitk_to_numpy(img: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A SimpleITK image → (file-order (i, j, k) view into its buffer, RAS+ affine). Keep ``img`` alive meanwhile."""
+    import SimpleITK as sitk
+
+    dim = img.GetDimension()
+    arr = sitk.GetArrayViewFromImage(img)  # (..., k, j, i)
+    if dim == 4:  # (1, k, j, i): a trailing singleton 4th dimension (checked by _check_shape)
+        arr = arr[0]
+    arr = arr.transpose(2, 1, 0)
+    direction = np.array(img.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
+    spacing = np.array(img.GetSpacing(), dtype=np.float64)[:3]
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing
+    lps[:3, 3] = np.array(img.GetOrigin(), dtype=np.float64)[:3]
+    return arr, _LPS_TO_RAS @ lps
+
+
+@contextlib.contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """Silence ITK's stderr warnings (we report what matters as InputWarning)."""
+    import SimpleITK as sitk
+
+    old = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(old)
+
+
+# ----------------------------------------------------------------------------------------------- DICOM
+def _dicom_series(folder: Path, display: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """(image series, non-image series, number of files) under ``folder`` (GDCM per sub-folder)."""
+    import pydicom
+    import SimpleITK as sitk
+
+    images: list[dict[str, Any]] = []
+    others: list[dict[str, Any]] = []
+    n_files = 0
+    with _quiet_itk():
+        for root, dirs, files in os.walk(folder):
+            dirs.sort()
+            visible = [f for f in files if not f.startswith(".")]
+            if not visible:
+                continue
+            n_files += len(visible)
+            if n_files > MAX_DICOM_FILES:
+                raise InputError(
+                    f"{display} holds more than {MAX_DICOM_FILES} files: pass the folder of a single DICOM series."
+                )
+            for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(root):
+                names = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(root, uid))
+                if not names:
+                    continue
+                try:
+                    hdr = pydicom.dcmread(names[0], stop_before_pixels=True, force=True)
+                except Exception:
+                    continue
+                entry = {
+                    "uid": uid,
+                    "files": names,
+                    "modality": str(hdr.get("Modality", "") or "").strip().upper(),
+                    "description": str(hdr.get("SeriesDescription", "") or "").strip(),
+                    "rows": int(hdr.get("Rows", 0) or 0),
+                    "cols": int(hdr.get("Columns", 0) or 0),
+                }
+                is_image = entry["rows"] > 0 and entry["modality"] not in _NON_IMAGE_MODALITIES
+                (images if is_image else others).append(entry)
+    return images, others, n_files
+
+
+def _describe(s: dict[str, Any]) -> str:
+    uid = s["uid"] or "(no SeriesInstanceUID)"
+    desc = f", {s['description']!r}" if s["description"] else ""
+    return f"{uid} ({s['modality'] or '?'}{desc}, {len(s['files'])} slices)"
+
+
+def _load_dicom_dir(
+    folder: Path,
+    source_path: Path,
+    *,
+    name: str,
+    fmt: str,
+    max_bytes: int,
+    series: str | None,
+    rescale: tuple[float, float] | None,
+    n_files: int | None = None,
+) -> Volume:
+    import SimpleITK as sitk
+
+    display = source_path.name or str(source_path)
+    images, others, n_seen = _dicom_series(folder, display)
+    n_files = n_seen if n_files is None else n_files
+    if not images:
+        extra = ""
+        if others:
+            kinds = sorted({s["modality"] or "?" for s in others})
+            extra = f" (only non-image DICOM objects: {', '.join(kinds)}; read a DICOM-SEG with load_label)"
+        raise InputError(
+            f"{display} holds no DICOM image series{extra} among its {n_files} files: pass a folder (or .zip) "
+            f"with the .dcm slices of one CT series, or another supported file ({_SUPPORTED_TEXT})."
+        )
+    pre_warnings: list[str] = []
+    if series is not None:
+        match = [s for s in images if s["uid"] == series]
+        if not match:
+            listed = "; ".join(_describe(s) for s in images)
+            raise InputError(f"{display} has no DICOM series {series!r}; its image series are: {listed}.")
+        chosen = max(match, key=lambda s: len(s["files"]))
+    else:
+        chosen = max(images, key=lambda s: len(s["files"]))
+        rest = [s for s in images if s is not chosen]
+        if rest:
+            pre_warnings.append(
+                f"{display} holds {len(images)} DICOM image series; took {_describe(chosen)}, the one with the most "
+                f"slices; the others: {'; '.join(_describe(s) for s in rest)}. Pass series='<SeriesInstanceUID>' "
+                "to load another one."
+            )
+    files = chosen["files"]
+    total = sum(os.path.getsize(f) for f in files)
+    _check_bytes(total, max_bytes, display, " (DICOM files of the series)")
+    _check_bytes(
+        chosen["rows"] * chosen["cols"] * len(files) * 4, max_bytes, display, " as float32 in memory"
+    )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        with _quiet_itk():
+            img = reader.Execute()
+    except Exception as exc:
+        raise _read_error(source_path, "dicom", exc) from exc
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        raise InputError(
+            f"{display}: the DICOM series has {img.GetNumberOfComponentsPerPixel()} values per voxel (RGB, e.g. "
+            "secondary captures/screenshots), not a CT in HU; pass the original CT series."
+        )
+    _check_shape(tuple(img.GetSize()), display)
+    rescaled = reader.HasMetaDataKey(0, "0028|1053") or reader.HasMetaDataKey(0, "0028|1052")
+    pre_warnings += _spacing_warnings(reader, img, len(files), display)
+    meta: dict[str, Any] = {
+        "series_uid": chosen["uid"],
+        "modality": chosen["modality"],
+        "n_slices": len(files),
+        "rescaled": bool(rescaled),
+        "_warnings": pre_warnings,
+    }
+    if others or len(images) > 1:
+        meta["other_series"] = [s["uid"] for s in [*images, *others] if s is not chosen]
+    raw, affine = _sitk_to_numpy(img)
+    return _finish(
+        raw,
+        affine,
+        source_path,
+        fmt,
+        name,
+        meta,
+        rescale=rescale,
+        owned=False,
+        modality=chosen["modality"] or None,
+    )
+
+
+def _spacing_warnings(reader: Any, img: Any, n: int, display: str) -> list[str]:
+    """Warn when the slice positions are not evenly spaced (missing or duplicated slices)."""
+    if n < 3:
+        return []
+    pos = []
+    for i in range(n):
+        if not reader.HasMetaDataKey(i, "0020|0032"):
+            return []
+        with contextlib.suppress(ValueError):
+            pos.append([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
+    if len(pos) != n:
+        return []
+    normal = np.array(img.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+    gaps = np.abs(np.diff(np.asarray(pos) @ normal))
+    if gaps.min() < 1e-3 or gaps.max() - gaps.min() > 0.05 * max(float(np.median(gaps)), 1e-6):
+        return [
+            f"{display}: slice positions are unevenly spaced (gaps {gaps.min():.2f} to {gaps.max():.2f} mm: missing "
+            f"or duplicated slices?); the volume assumes a uniform {img.GetSpacing()[2]:.2f} mm spacing."
+        ]
+    return []
+
+
+def _extract_zip(path: Path, dest: Path, max_bytes: int) -> int:
+    """Extract a zip into ``dest`` safely; returns the number of files written.
+
+    Every member is checked before anything is written: absolute paths, ``..`` components, drive letters,
+    symbolic links, encryption, member count and total uncompressed size (also enforced while streaming).
+    Members are written under generated flat names, so no archive path is ever used on disk.
+    """
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(
+            f"{path.name} could not be read as a zip archive: {_reason(exc)}. Re-create the archive."
+        ) from exc
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_ZIP_MEMBERS:
+            raise InputError(
+                f"{path.name} has {len(infos)} members, over the limit of {MAX_ZIP_MEMBERS}: zip one series only."
+            )
+        total = 0
+        for info in infos:
+            member = info.filename
+            parts = [q for q in re.split(r"[\\/]+", member) if q]
+            if member.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", member) or ".." in parts:
+                raise InputError(
+                    f"{path.name} contains the member {member!r}, whose path escapes the archive (absolute or '..'); "
+                    "refusing to extract anything from it. Re-create the zip with relative paths only."
+                )
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise InputError(
+                    f"{path.name} contains the symbolic link {member!r}; refusing to extract it. "
+                    "Re-create the zip from the DICOM files themselves."
+                )
+            if info.flag_bits & 0x1:
+                raise InputError(
+                    f"{path.name} is encrypted ({member!r}); zip the DICOM files without a password."
+                )
+            total += info.file_size
+        _check_bytes(total, max_bytes, path.name, " uncompressed")
+        written = n = 0
+        try:
+            for i, info in enumerate(infos):
+                parts = [q for q in re.split(r"[\\/]+", info.filename) if q]
+                if info.is_dir() or not parts or parts[-1].startswith(".") or "__MACOSX" in parts:
+                    continue
+                safe = re.sub(r"[^A-Za-z0-9._-]", "_", parts[-1])[-80:]
+                with zf.open(info) as src, open(dest / f"{i:06d}_{safe}", "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        _check_bytes(written, max_bytes, path.name, " uncompressed")
+                        dst.write(chunk)
+                n += 1
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise InputError(
+                f"{path.name} could not be read as a zip archive: {_reason(exc)}. Re-create the archive."
+            ) from exc
+    return n
+
+
+# ----------------------------------------------------------------------------------------------- labels
+def _read_label_raw(p: Path, max_bytes: int) -> tuple[np.ndarray, np.ndarray, str, dict[str, Any]]:
+    """File-order integer label array, file affine (RAS+), format, meta."""
+    if not p.exists():
+        raise InputError(f"{p} does not exist: check the label path.")
+    if p.is_dir():
+        raise InputError(
+            f"{p} is a folder: a label map must be one file (NIfTI, NRRD, MHA or a DICOM-SEG .dcm)."
+        )
+    size = _file_size(p)
+    suffix = _suffix(p)
+    if suffix not in LABEL_SUFFIXES:
+        raise InputError(
+            f"{p.name}: unsupported label file type {suffix or '(no extension)'!r}; supported are NIfTI (.nii, "
+            ".nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) and DICOM-SEG (.dcm)."
+        )
+    _check_bytes(size, max_bytes, p.name)
+    meta: dict[str, Any] = {}
+    if suffix == ".dcm":
+        raw, affine = _read_dicom_seg(p)
+        fmt = "dicom-seg"
+    elif _FORMATS[suffix] == "nifti":
+        raw, affine, slope, inter, meta = _read_nifti(p, max_bytes)
+        if slope != 1.0 or inter != 0.0:
+            raw = raw * np.float32(slope) + np.float32(inter)
+        fmt = "nifti"
+    else:
+        fmt = _FORMATS[suffix]
+        img = _read_sitk(p, fmt, max_bytes)
+        view, affine = _sitk_to_numpy(img)
+        raw = np.array(view)  # own the buffer
+    return _as_labels(raw, p.name), affine, fmt, meta
+
+
+def _as_labels(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    if arr.dtype.kind in "iu":
+        return arr
+    if arr.dtype.kind != "f":
+        raise InputError(
+            f"{name} has pixel type {arr.dtype}, not integer labels: pass a label map (0 = background)."
+        )
+    if not np.all(np.isfinite(arr)) or not np.all(np.mod(arr, 1) == 0):
+        bad = arr[np.isfinite(arr) & (np.mod(arr, 1) != 0)]
+        example = f" (e.g. {float(bad.flat[0]):g})" if bad.size else ""
+        raise InputError(
+            f"{name} holds non-integer values{example}: it looks like a probability map or a CT, not a label map; "
+            "threshold it into integer labels first."
+        )
+    return arr.astype(_int_dtype_for(arr))
+
+
+def _int_dtype_for(arr: np.ndarray) -> np.dtype:
+    if arr.size == 0:
+        return np.dtype(np.uint8)
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo >= 0 and hi <= 255:
+        return np.dtype(np.uint8)
+    if lo >= -32768 and hi <= 32767:
+        return np.dtype(np.int16)
+    return np.dtype(np.int32)
+
+
+def _read_label_ras(p: Path, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    from nibabel.orientations import inv_ornt_aff
+
+    raw, affine, _, _ = _read_label_raw(p, max_bytes)
+    _check_shape(raw.shape, p.name)
+    ornt, _ = _orientation(affine, p.name)
+    lab = np.ascontiguousarray(_apply_ornt(raw, ornt))
+    return lab, affine @ inv_ornt_aff(ornt, raw.shape)
+
+
+def _label_onto(lab: np.ndarray, affine: np.ndarray, like: Volume, name: str) -> np.ndarray:
+    """A RAS+ label array (with its affine) on ``like``'s grid: as is, exact crop/pad, or nearest resampling."""
+    if lab.shape == like.shape and np.allclose(affine, like.affine, atol=1e-3):
+        return lab
+    m = np.linalg.inv(affine) @ like.affine  # like voxel -> label voxel
+    rot, t = m[:3, :3], m[:3, 3]
+    shift = np.round(t).astype(int)
+    exact = np.abs(rot - np.eye(3)).max() * max(like.shape) < 1e-2 and np.abs(t - shift).max() < 1e-2
+    if exact:
+        out = np.zeros(like.shape, lab.dtype)
+        src, dst = [], []
+        for o, n_lab, n_like in zip(shift, lab.shape, like.shape):
+            a, b = max(0, o), min(n_lab, o + n_like)
+            src.append(slice(a, max(a, b)))
+            dst.append(slice(a - o, max(a, b) - o))
+        out[tuple(dst)] = lab[tuple(src)]
+    else:
+        from scipy import ndimage
+
+        _emit(
+            [
+                f"label {name} lies on another grid than the CT {like.name} (label shape {lab.shape}, spacing "
+                f"{_fmt_spacing(np.linalg.norm(affine[:3, :3], axis=0))} mm; CT shape {like.shape}, spacing "
+                f"{_fmt_spacing(like.spacing)} mm): resampled it nearest-neighbour through the affines onto the CT grid."
+            ]
+        )
+        out = ndimage.affine_transform(
+            lab, m, output_shape=like.shape, order=0, mode="grid-constant", cval=0, prefilter=False
+        )
+    if not out.any() and lab.any():
+        raise InputError(
+            f"label {name} does not overlap the field of view of {like.name}: they are probably not the same case "
+            "(or one of the files has a wrong orientation); check the pairing."
+        )
+    return out
+
+
+def _read_dicom_seg(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A DICOM-SEG → (file-order label array (columns, rows, slices), RAS+ affine); segment number = label value."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(p))
+        modality = str(ds.get("Modality", "")).strip()
+    except Exception as exc:
+        raise _read_error(p, "dicom", exc) from exc
+    if modality != "SEG":
+        raise InputError(
+            f"{p.name} is a DICOM file of modality {modality or '?'}, not a DICOM-SEG: a label file must be NIfTI, "
+            "NRRD, MHA or a DICOM-SEG (.dcm)."
+        )
+    try:
+        frames = np.asarray(ds.pixel_array)
+        if frames.ndim == 2:
+            frames = frames[None]
+        if str(ds.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL":
+            frames = frames > float(ds.get("MaximumFractionalValue", 255)) / 2
+        shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+        per = ds.PerFrameFunctionalGroupsSequence
+
+        def item(i: int, seq: str) -> Any:
+            fg = per[i]
+            if seq in fg:
+                return fg[seq].value[0]
+            if shared is not None and seq in shared:
+                return shared[seq].value[0]
+            raise ValueError(f"frame {i} lacks {seq}")
+
+        iop = np.array([float(v) for v in item(0, "PlaneOrientationSequence").ImageOrientationPatient])
+        measures = item(0, "PixelMeasuresSequence")
+        ps = [float(v) for v in measures.PixelSpacing]
+        pos = np.array(
+            [
+                [float(v) for v in item(i, "PlanePositionSequence").ImagePositionPatient]
+                for i in range(len(frames))
+            ]
+        )
+        segs = [
+            int(item(i, "SegmentIdentificationSequence").ReferencedSegmentNumber) for i in range(len(frames))
+        ]
+    except Exception as exc:
+        raise _read_error(p, "dicom-seg", exc) from exc
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
+    proj = pos @ normal
+    levels = np.unique(np.round(proj, 3))
+    dz = float(measures.get("SpacingBetweenSlices", 0) or 0)
+    if dz <= 0:
+        dz = (
+            float(np.diff(levels).min()) if len(levels) > 1 else float(measures.get("SliceThickness", 1) or 1)
+        )
+    k = np.round((proj - proj.min()) / dz).astype(int)
+    first = int(np.argmin(proj))
+    dtype = np.uint8 if max(segs, default=0) <= 255 else np.uint16
+    out = np.zeros((frames.shape[2], frames.shape[1], int(k.max()) + 1), dtype)
+    overlap = False
+    for f in range(len(frames)):
+        m = frames[f].T.astype(bool)
+        sl = out[:, :, k[f]]
+        overlap = overlap or bool((sl[m] != 0).any())
+        sl[m] = segs[f]
+    if overlap:
+        _emit([f"{p.name}: segments overlap; the label map keeps the higher-numbered segment where they do."])
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * ps[1], col * ps[0], normal * dz
+    lps[:3, 3] = pos[first]
+    return out, _LPS_TO_RAS @ lps
+
+
+# ----------------------------------------------------------------------------------------------- writers
+def _source_affine(like: Volume) -> np.ndarray:
+    return like.source.original_affine if like.source is not None else like.affine
+
+
+def _cast_exact(arr: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """Cast without clamping or wrapping: raise when values do not fit ``dtype``."""
+    if arr.dtype == dtype:
+        return arr
+    if arr.dtype == bool or dtype.kind == "f":
+        return arr.astype(dtype)
+    if dtype.kind in "iu" and arr.size:
+        lo, hi = float(arr.min()), float(arr.max())
+        info = np.iinfo(dtype)
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < info.min or hi > info.max:
+            raise ValueError(f"{what} values {lo:g}..{hi:g} do not fit {dtype}; pass a wider dtype")
+        if arr.dtype.kind == "f" and not np.all(np.mod(arr, 1) == 0):
+            raise ValueError(
+                f"{what} holds non-integer values; threshold or round it before saving as {dtype}"
+            )
+    return arr.astype(dtype)
+
+
+def _write_image(arr: np.ndarray, affine: np.ndarray, path: Path, like: Volume) -> Path:
+    """Write ``arr`` (file voxel order) with ``affine`` (RAS+) atomically (temp file in the same folder + replace)."""
+    suffix = _suffix(path)
+    if suffix not in (".nii", ".nii.gz", ".nrrd", ".mha"):
+        raise ValueError(f"cannot write {path.name!r}: use a .nii.gz (or .nii, .nrrd, .mha) file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{suffix}")
+    try:
+        if suffix in (".nii", ".nii.gz"):
+            import nibabel as nib
+
+            img = nib.Nifti1Image(arr, affine)
+            meta = like.source.meta if like.source is not None and like.source.format == "nifti" else {}
+            qcode, scode = int(meta.get("qform_code", 1)), int(meta.get("sform_code", 1))
+            if qcode == 0 and scode == 0:
+                qcode = scode = 1
+            img.set_qform(affine, code=qcode)
+            img.set_sform(affine, code=scode)
+            img.header.set_xyzt_units("mm")
+            img.set_data_dtype(arr.dtype)
+            nib.save(img, str(tmp))
+        else:
+            import SimpleITK as sitk
+
+            img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)))
+            lps = _LPS_TO_RAS @ affine
+            spacing = np.linalg.norm(lps[:3, :3], axis=0)
+            img.SetSpacing([float(s) for s in spacing])
+            img.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
+            img.SetOrigin([float(v) for v in lps[:3, 3]])
+            sitk.WriteImage(img, str(tmp), True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- formatting
+def _fmt_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def _fmt_spacing(sp: Any) -> str:
+    return "(" + ", ".join(f"{float(s):.3g}" for s in sp) + ")"

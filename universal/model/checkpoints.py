@@ -1,0 +1,553 @@
+"""Saving and loading Universal Models: the project's own format, the official release's format, a weights registry.
+
+- :func:`save_checkpoint` / :func:`load_checkpoint`: the project's self-describing format, a dict of plain values and
+  tensors only (``{"format": "universal-checkpoint", "version": 1, "config": ..., "state_dict": ..., "extra": ...}``),
+  so it loads with ``torch.load(weights_only=True)``; the config recreates the architecture, the class names, the text
+  encoder's name, the prompt template and the preprocessing.
+- :func:`load_official`: a checkpoint released with the official CLIP-Driven Universal Model (``{'net': state_dict}``
+  or a bare state dict, ``module.`` prefixes, Swin keys with or without ``backbone.``), backbone detected from the key
+  names; the 32 universal classes; embeddings from the checkpoint's ``organ_embedding``.
+- :func:`load_pretrained`: a path (either format, detected) or a name of :data:`PRETRAINED` (downloaded once to
+  ``~/.cache/universal/weights``, or ``$UNIVERSAL_CACHE_DIR/weights``, with a sha256 check where one is pinned).
+
+Nothing here unpickles arbitrary objects: every file is read with ``torch.load(..., weights_only=True)``. Every
+problem (not a checkpoint, Python objects inside, another architecture or class count) raises
+``universal.errors.CheckpointError`` naming it, with every missing, unexpected and mismatched key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from universal.errors import CheckpointError, DownloadError
+from universal.model.backbones import list_models
+from universal.model.universal_model import UniversalModel, create_model
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "OFFICIAL_ENCODER_NAME",
+    "OFFICIAL_TEMPLATE",
+    "PRETRAINED",
+    "cache_dir",
+    "download_weights",
+    "load_checkpoint",
+    "load_official",
+    "load_pretrained",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "universal-checkpoint"
+CHECKPOINT_VERSION = 1
+#: encoder name recorded for the CLIP ViT-B/32 embeddings stored inside the official checkpoints
+OFFICIAL_ENCODER_NAME = "table:official-clip"
+#: the official prompt template (the embeddings in the released checkpoints were made with it)
+OFFICIAL_TEMPLATE = "A computerized tomography of a {}"
+_OFFICIAL_LICENCE = "CC BY-NC-ND 4.0 (research only)"
+_OFFICIAL_README = "https://github.com/ljwztc/CLIP-Driven-Universal-Model#model"
+#: top-level names of the official head (everything else belongs to the backbone)
+_HEAD_PREFIXES = ("organ_embedding", "GAP.", "precls_conv.", "text_to_vision.", "controller.")
+
+#: Registry of downloadable weights: name → url, sha256 (``None`` = not pinned: the file is not verified),
+#: licence, backbone, description (and ``filename`` in the cache, ``format``: ``"official"`` or ``"universal"``).
+#: The official URLs are the download links of the official README (Dropbox, ``dl=1`` for a direct download);
+#: their sha256 is not pinned because no checksum is published.
+PRETRAINED: dict[str, dict[str, Any]] = {
+    "universal-unet": {
+        "url": "https://www.dropbox.com/s/lyunaue0wwhmv5w/unet.pth?dl=1",
+        "sha256": None,
+        "licence": _OFFICIAL_LICENCE,
+        "backbone": "unet",
+        "format": "official",
+        "filename": "universal-unet.pth",
+        "description": "Official CLIP-Driven Universal Model, U-Net backbone, 32 classes, CLIP ViT-B/32 prompts "
+        f"(weights by Liu et al.; listed in {_OFFICIAL_README}).",
+    },
+    "universal-swinunetr": {
+        "url": "https://www.dropbox.com/s/jdsodw2vemsy8sz/swinunetr.pth?dl=1",
+        "sha256": None,
+        "licence": _OFFICIAL_LICENCE,
+        "backbone": "swinunetr",
+        "format": "official",
+        "filename": "universal-swinunetr.pth",
+        "description": "Official CLIP-Driven Universal Model, Swin UNETR backbone, 32 classes, CLIP ViT-B/32 prompts "
+        f"(weights by Liu et al.; listed in {_OFFICIAL_README}).",
+    },
+    "builtin": {
+        "url": None,
+        "sha256": None,
+        "licence": "Apache-2.0 (this project)",
+        "backbone": "segresnet",
+        "format": "universal",
+        "filename": "builtin.pt",
+        "description": "The project's own SegResNet weights, shipped as universal/resources/builtin.pt.",
+    },
+}
+
+_BUILTIN_PATH = Path(__file__).resolve().parents[1] / "resources" / "builtin.pt"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reading files safely
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _read(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with every failure turned into a ``CheckpointError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"No checkpoint file at {str(path)!r}; check the path.")
+    try:
+        with warnings.catch_warnings():  # e.g. torch's "Detected pickle protocol 4" note: the outcome is what matters
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if _is_pickle_container(path):
+            raise CheckpointError(
+                f"{path.name} contains Python objects other than tensors and plain containers, and is refused "
+                f"(unpickling it could run arbitrary code). Re-save its state dict, or use a checkpoint written by "
+                f"universal.model.save_checkpoint. Detail: {_weights_only_detail(exc)}"
+            ) from None
+        raise CheckpointError(
+            f"{path.name} is not a PyTorch checkpoint file (unreadable as one); pass a .pt/.pth file saved with "
+            "torch.save."
+        ) from None
+    except Exception as exc:  # RuntimeError (bad zip archive), EOFError (empty), KeyError/IndexError (garbage)...
+        detail = ""
+        if isinstance(exc, RuntimeError) and str(exc).strip():
+            detail = f" ({str(exc).strip().splitlines()[0]})"
+        raise CheckpointError(
+            f"{path.name} is not a PyTorch checkpoint file: it cannot be read as one{detail}; it may be of another "
+            "kind, empty or truncated. Pass a .pt/.pth file saved with torch.save."
+        ) from None
+
+
+def _is_pickle_container(path: Path) -> bool:
+    """A torch.save zip archive or a pickle stream (protocol >= 2), as opposed to some other kind of file."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _weights_only_detail(exc: BaseException) -> str:
+    """The informative line of torch's weights-only refusal (e.g. 'Unsupported global: GLOBAL mod.Class')."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line
+    return lines[0] if lines else type(exc).__name__
+
+
+def _is_universal(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Only values that ``torch.load(weights_only=True)`` reads back are allowed in a checkpoint."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise CheckpointError(f"{where} has a key of type {type(key).__name__}; use str or int keys.")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    raise CheckpointError(
+        f"{where} is a {type(value).__name__}; checkpoints hold only tensors, str, int, float, bool, None, lists and "
+        "dicts (so that they load with weights_only=True)."
+    )
+
+
+def _load_state_strict(model: UniversalModel, state: Mapping[str, Any], source: str) -> UniversalModel:
+    """Load ``state`` into ``model`` after checking every key and shape; report all problems at once."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = []
+    for key, target in expected.items():
+        if key not in state:
+            continue
+        value = state[key]
+        if not torch.is_tensor(value):
+            mismatched.append(f"{key}: not a tensor ({type(value).__name__})")
+        elif tuple(value.shape) != tuple(target.shape):
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
+        elif value.is_floating_point() and not torch.isfinite(value).all():
+            mismatched.append(f"{key}: contains NaN or infinite values")
+    if missing or unexpected or mismatched:
+        lines = [
+            f"{source} does not fit a {model.backbone_name} Universal Model with {model.num_classes} classes "
+            f"and {model.embed_dim}-d embeddings (another architecture, class count or a corrupt file):"
+        ]
+        if mismatched:
+            lines.append(f"  mismatched ({len(mismatched)}):")
+            lines += [f"    {m}" for m in mismatched]
+        if missing:
+            lines.append(f"  missing ({len(missing)}):")
+            lines += [f"    {k}" for k in missing]
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}):")
+            lines += [f"    {k}" for k in unexpected]
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(dict(state), strict=True)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the project's own format
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(model: UniversalModel, path: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> Path:
+    """Save ``model`` (weights + config) atomically to ``path``; ``extra`` holds plain values (epoch, metrics...).
+
+    The file is a dict of tensors, str, int, float, lists and dicts only, so that ``torch.load(path,
+    weights_only=True)`` reads it; :func:`load_checkpoint` rebuilds the model from it.
+
+    >>> import tempfile, numpy as np
+    >>> from universal.model import create_model
+    >>> m = create_model("segresnet", classes=["liver"], encoder="onehot", embeddings=np.ones((1, 32), "float32"))
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     p = save_checkpoint(m, f"{d}/m.pt", extra={"epoch": 3})
+    ...     load_checkpoint(p).class_names
+    ['liver']
+    """
+    if not isinstance(model, UniversalModel):
+        raise CheckpointError(f"save_checkpoint needs a UniversalModel, got {type(model).__name__}.")
+    extra = dict(extra or {})
+    _check_plain(extra, "extra")
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": model.config(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": extra,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _model_from_universal(obj: Mapping[str, Any], source: str) -> UniversalModel:
+    version = obj.get("version")
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{source} is a universal checkpoint of version {version!r}; this version of universal reads up to "
+            f"version {CHECKPOINT_VERSION}. Upgrade universal."
+        )
+    config, state = obj.get("config"), obj.get("state_dict")
+    if not isinstance(config, Mapping) or not isinstance(state, Mapping):
+        raise CheckpointError(f"{source} lacks its 'config' or 'state_dict' (a corrupt universal checkpoint).")
+    required = ("backbone", "class_names", "encoder_name", "template", "embed_dim")
+    absent = [k for k in required if k not in config]
+    if absent:
+        raise CheckpointError(f"{source}: its config lacks {absent} (a corrupt universal checkpoint).")
+    if str(config["backbone"]).lower() not in list_models():
+        raise CheckpointError(
+            f"{source} uses the backbone {config['backbone']!r}, which this installation does not have "
+            f"(available: {list_models()})."
+        )
+    from universal.errors import UniversalError
+
+    try:
+        model = create_model(
+            backbone=config["backbone"],
+            classes=list(config["class_names"]),
+            encoder=str(config["encoder_name"]),
+            template=str(config["template"]),
+            embed_dim=int(config["embed_dim"]),
+            preprocessing=dict(config.get("preprocessing") or {}) or None,
+            **dict(config.get("backbone_kwargs") or {}),
+        )
+    except UniversalError as exc:
+        raise CheckpointError(f"{source}: cannot rebuild its model from the config: {exc}") from None
+    if len(model.class_names) != len(config["class_names"]):
+        raise CheckpointError(f"{source}: its class list has duplicates: {list(config['class_names'])}.")
+    return _load_state_strict(model, state, source)
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> UniversalModel:
+    """Rebuild a :class:`UniversalModel` from a file written by :func:`save_checkpoint` (model in eval mode).
+
+    The checkpoint's ``extra`` dict is attached as ``model.checkpoint_extra``.
+    """
+    obj = _read(path, map_location)
+    source = Path(path).name
+    if not _is_universal(obj):
+        if _looks_official(obj):
+            raise CheckpointError(
+                f"{source} is an official Universal Model checkpoint, not a universal one; load it with "
+                "universal.model.load_official(path) or load_pretrained(path)."
+            )
+        raise CheckpointError(
+            f"{source} is not a universal checkpoint (no format={CHECKPOINT_FORMAT!r} entry); "
+            "save models with universal.model.save_checkpoint."
+        )
+    model = _model_from_universal(obj, source)
+    model.checkpoint_extra = dict(obj.get("extra") or {})  # type: ignore[attr-defined]
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the official release's format
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _official_state(obj: Any) -> dict[str, Any] | None:
+    """The state dict inside an official checkpoint object, without ``module.`` prefixes (``None`` if not one)."""
+    if not isinstance(obj, Mapping):
+        return None
+    for key in ("net", "state_dict", "model"):
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not obj or not all(isinstance(k, str) for k in obj):
+        return None
+    state = {}
+    for key, value in obj.items():
+        while key.startswith("module."):
+            key = key[len("module.") :]
+        state[key] = value
+    return state
+
+
+def _looks_official(obj: Any) -> bool:
+    state = _official_state(obj)
+    return bool(state) and any(k == "organ_embedding" or k.startswith("controller.") for k in state)
+
+
+def _detect_backbone(state: Mapping[str, Any]) -> str | None:
+    keys = list(state)
+    if any("swinViT." in k for k in keys):
+        return "swinunetr"
+    if any("down_tr64." in k for k in keys):
+        return "unet"
+    return None
+
+
+def load_official(
+    path_or_state_dict: str | os.PathLike[str] | Mapping[str, Any],
+    backbone: str | None = None,
+    map_location: Any = "cpu",
+) -> UniversalModel:
+    """Load a checkpoint of the official CLIP-Driven Universal Model release (model in eval mode).
+
+    Args:
+        path_or_state_dict: a file (``{'net': state_dict}`` or a bare state dict, as saved from
+            DistributedDataParallel with ``module.`` prefixes) or such a dict already in memory.
+        backbone: ``"unet"`` or ``"swinunetr"``; ``None`` detects it from the key names.
+
+    Returns:
+        a model with the 32 universal classes, ``encoder_name="table:official-clip"``, the official template
+        and the checkpoint's ``organ_embedding`` as its prompt embeddings. The released weights are
+        CC BY-NC-ND 4.0 (research only).
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        return _official_from_object(path_or_state_dict, "the given state dict", backbone)
+    return _official_from_object(_read(path_or_state_dict, map_location), Path(path_or_state_dict).name, backbone)
+
+
+def _official_from_object(obj: Any, source: str, backbone: str | None = None) -> UniversalModel:
+    if _is_universal(obj):
+        raise CheckpointError(f"{source} is a universal checkpoint; load it with universal.model.load_checkpoint.")
+    state = _official_state(obj)
+    if not state:
+        raise CheckpointError(
+            f"{source} is not an official Universal Model checkpoint: expected {{'net': state_dict}} or a state dict "
+            f"of tensors, got {type(obj).__name__}."
+        )
+    name = str(backbone).lower() if backbone else _detect_backbone(state)
+    if name is None:
+        sample = ", ".join(list(state)[:5])
+        raise CheckpointError(
+            f"{source}: cannot tell its backbone from its keys (neither Swin UNETR 'swinViT.*' nor U-Net "
+            f"'down_tr64.*'; first keys: {sample}). Pass backbone='unet' or 'swinunetr' if it is one of them."
+        )
+    if name not in ("unet", "swinunetr"):
+        raise CheckpointError(f"The official release has 'unet' and 'swinunetr' backbones, not {backbone!r}.")
+    # Swin keys may lack the 'backbone.' prefix (the official loaders add it)
+    state = {
+        (k if k.startswith("backbone.") or k.startswith(_HEAD_PREFIXES) else f"backbone.{k}"): v
+        for k, v in state.items()
+    }
+    emb = state.get("organ_embedding")
+    if not torch.is_tensor(emb) or emb.dim() != 2:
+        raise CheckpointError(
+            f"{source} has no 2-D 'organ_embedding' (the prompt embeddings of its classes); it is not a "
+            "Universal Model checkpoint of the official release."
+        )
+    # the 32 universal classes in the official (= taxonomy) order; a checkpoint with another class count is
+    # reported by the strict check below (organ_embedding's shape), together with every other mismatch
+    model = create_model(
+        backbone=name,
+        classes=None,
+        encoder=OFFICIAL_ENCODER_NAME,
+        template=OFFICIAL_TEMPLATE,
+        embed_dim=int(emb.shape[1]),
+    )
+    return _load_state_strict(model, state, source).eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# registry and downloads
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Folder of downloaded weights: ``$UNIVERSAL_CACHE_DIR/weights`` or ``~/.cache/universal/weights``."""
+    root = os.environ.get("UNIVERSAL_CACHE_DIR")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "universal"
+    return base / "weights"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_weights(name: str, directory: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
+    """Download the weights ``name`` of :data:`PRETRAINED` once into the cache (or ``directory``); return the path.
+
+    The download goes to a temporary file in the same folder, is checked against the pinned sha256 (if any) and
+    renamed into place, so an interrupted download never leaves a corrupt file under the final name.
+    """
+    entry = _registry_entry(name)
+    url = entry.get("url")
+    folder = Path(directory) if directory is not None else cache_dir()
+    dest = folder / entry["filename"]
+    if dest.is_file():
+        if entry.get("sha256") and _sha256(dest) != entry["sha256"]:
+            raise DownloadError(
+                f"The cached file {dest} does not match the pinned sha256 of {name!r}; delete it and try again."
+            )
+        return dest
+    if not url:
+        raise DownloadError(f"{name!r} has no download URL.")
+    manual = (
+        f"To install it by hand, download {url} on a machine with internet access and either copy it to {dest} "
+        f"or pass its path: universal.model.load_pretrained('/path/to/{entry['filename']}')."
+    )
+    import urllib.error
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownloadError(f"Cannot create the weights cache {folder} ({exc}); set UNIVERSAL_CACHE_DIR.") from None
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=folder)
+    tmp = Path(tmp_name)
+    digest = hashlib.sha256()
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "universal-weights-downloader"})
+        with urllib.request.urlopen(request, timeout=60) as response, os.fdopen(fd, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    out.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise DownloadError(f"Could not download {name!r} from {url} ({exc}). {manual}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    got = digest.hexdigest()
+    if entry.get("sha256"):
+        if got != entry["sha256"]:
+            tmp.unlink(missing_ok=True)
+            raise DownloadError(
+                f"The download of {name!r} is corrupt or changed (sha256 {got}, expected {entry['sha256']}). {manual}"
+            )
+    else:
+        warnings.warn(
+            f"The sha256 of {name!r} is not pinned; downloaded file has sha256 {got} (not verified).",
+            UserWarning,
+            stacklevel=2,
+        )
+    os.replace(tmp, dest)
+    return dest
+
+
+def _registry_entry(name: str) -> dict[str, Any]:
+    entry = PRETRAINED.get(str(name).lower())
+    if entry is None:
+        raise CheckpointError(
+            f"{name!r} is neither an existing file nor a known weights name; known names: {sorted(PRETRAINED)}."
+        )
+    return entry
+
+
+def _from_object(obj: Any, source: str) -> UniversalModel:
+    """A model from a loaded checkpoint object of either format (detected)."""
+    if _is_universal(obj):
+        model = _model_from_universal(obj, source)
+        model.checkpoint_extra = dict(obj.get("extra") or {})  # type: ignore[attr-defined]
+        return model.eval()
+    state = _official_state(obj)
+    if state and (_looks_official(obj) or _detect_backbone(state)):
+        return _official_from_object(obj, source)
+    raise CheckpointError(
+        f"{source} is neither a universal checkpoint nor an official Universal Model checkpoint "
+        f"(got {type(obj).__name__} without the expected keys)."
+    )
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike[str],
+    map_location: Any = "cpu",
+    progress: bool = True,
+) -> UniversalModel:
+    """A ready model (eval mode) from a checkpoint path (universal or official format) or a :data:`PRETRAINED` name.
+
+    Names: ``"builtin"`` (the project's own weights, ``universal/resources/builtin.pt``), ``"universal-unet"`` and
+    ``"universal-swinunetr"`` (the official release, downloaded once; CC BY-NC-ND 4.0, research only).
+    Offline, a download raises ``DownloadError`` saying how to fetch the file by hand and pass its path.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return _from_object(_read(path, map_location), path.name)
+    key = str(name_or_path).lower()
+    if key not in PRETRAINED:
+        if path.suffix or os.sep in str(name_or_path):
+            raise CheckpointError(f"No checkpoint file at {str(name_or_path)!r}; check the path.")
+        _registry_entry(key)  # raises with the list of known names
+    if key == "builtin":
+        if not _BUILTIN_PATH.is_file():
+            raise CheckpointError(
+                "The built-in weights are not shipped yet (universal/resources/builtin.pt is missing): train a model "
+                "with `universal train` and pass its checkpoint path, or use 'universal-unet' / "
+                "'universal-swinunetr' (official weights, research only)."
+            )
+        return _from_object(_read(_BUILTIN_PATH, map_location), _BUILTIN_PATH.name)
+    file = download_weights(key, progress=progress)
+    return _from_object(_read(file, map_location), file.name)

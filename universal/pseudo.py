@@ -1,0 +1,516 @@
+"""Pseudo-labels: fill the classes a case's dataset does not annotate with a trained model's confident predictions.
+
+:func:`pseudo_label` predicts every case of a manifest (unlabeled and partially labeled) with
+:func:`universal.inference.segment`, keeps the ground truth of every class the case annotates, fills the other
+classes with predictions that pass the confidence rule, and writes
+
+- ``labels/<case>.nii.gz``: one label map per case with universal ids (1..32), on the CT's own grid;
+- ``manifest.json``: a new manifest whose cases annotate the ground-truth classes *and* the accepted pseudo-labelled
+  classes (listed under ``"pseudo"`` per case); a class whose prediction was not confident enough stays
+  unannotated (so the masked loss ignores it rather than learning "absent");
+- ``quality_report.json`` and ``quality_report.csv``: per case and class the source (ground truth / pseudo /
+  dropped), volume, connected components, mean confidence inside the mask, agreement (DSC) of the model with the
+  ground truth, and flags that send a case to review (left/right implausible, fragmented organ, low confidence,
+  disagreement with the ground truth).
+
+**Storage.** Classes overlap (a tumour voxel is also an organ voxel), so a single label map is written with tumours
+over organs and the manifest's inline map restores the overlap: a tumour value also belongs to its parent organ
+(``{"27": ["liver tumor", "liver"]}``; for paired parents, kidney or lung tumours, the side is taken from world x via
+``split_lr``). Ground truth has priority: pseudo-labelled voxels never change a ground-truth class. This is checked
+for every case by decoding the written label map exactly as training will (:func:`universal.taxonomy.transfer_labels`)
+and comparing every ground-truth class voxel for voxel; pseudo voxels that would alter one are removed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from universal.errors import InputError
+
+__all__ = [
+    "PseudoLabelConfig",
+    "UnstorableGroundTruth",
+    "pseudo_label",
+    "merge_with_ground_truth",
+    "encode_label_map",
+    "quality_flags",
+]
+
+PSEUDO_DATASET = "universal_pseudo"
+
+
+@dataclass(frozen=True)
+class PseudoLabelConfig:
+    """Rules that decide which predictions become pseudo-labels and which cases go to review.
+
+    Attributes:
+        threshold: Probability threshold of the predicted masks.
+        min_confidence: A predicted (non-empty) mask is accepted only if the mean probability inside it reaches
+            this; otherwise the class stays unannotated for the case.
+        empty_as_negative: An empty prediction counts as an annotated "absent" (True) or stays unannotated.
+        review_min_dsc: Flag a case when the model's prediction of a ground-truth class has a DSC below this.
+        review_max_components: Flag an organ (other than naturally fragmented classes) with more components.
+        review_min_confidence: Flag a case when an accepted pseudo-label's mean confidence is below this.
+    """
+
+    threshold: float = 0.5
+    min_confidence: float = 0.75
+    empty_as_negative: bool = True
+    review_min_dsc: float = 0.5
+    review_max_components: int = 1
+    review_min_confidence: float = 0.85
+
+
+# ------------------------------------------------------------------------------------------------ label storage
+def encode_label_map(masks: Mapping[str, np.ndarray], ground_truth: Iterable[str] = ()) -> np.ndarray:
+    """One-vs-all masks → int16 universal-id label map with ground truth on top.
+
+    Draw order: pseudo organs, ground-truth organs, pseudo tumours, ground-truth tumours (each in index order), so
+    a ground-truth organ is never painted over by a pseudo organ, and tumours stay over organs.
+    """
+    from universal import taxonomy
+
+    gt = set(ground_truth)
+    items = [(taxonomy.resolve_class(n), np.asarray(m, dtype=bool)) for n, m in masks.items()]
+    if not items:
+        raise InputError("encode_label_map needs at least one mask")
+    out = np.zeros(items[0][1].shape, dtype=np.int16)
+    for info, m in sorted(items, key=lambda im: (im[0].is_tumor, im[0].name in gt, im[0].index)):
+        out[m] = info.index
+    return out
+
+
+def _implied(names: Sequence[str]) -> dict[str, set[str]]:
+    """For each class, the classes its universal-id label value sets (itself and its parent organ(s))."""
+    from universal.data import universal_id_label_map_spec
+
+    spec = universal_id_label_map_spec(names)
+    from universal import taxonomy
+
+    out: dict[str, set[str]] = {}
+    for v, members in spec["labels"].items():
+        name = taxonomy.resolve_class(int(v)).name
+        out[name] = set(members) | set(spec.get("split_lr", {}).get(v, ()))
+    return out
+
+
+def merge_with_ground_truth(
+    ground_truth: Mapping[str, np.ndarray],
+    pseudo: Mapping[str, np.ndarray],
+    affine: np.ndarray,
+    classes: Sequence[str],
+    max_rounds: int = 4,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Merge ground-truth and pseudo masks into one label map that decodes back to the ground truth exactly.
+
+    A pseudo tumour is clipped to its ground-truth parent organ (when the parent is ground truth) and no pseudo
+    class may paint over a ground-truth class its label value does not imply. The label map is then decoded as
+    training will decode it; any voxel where a ground-truth class would differ is removed from the pseudo masks and
+    the map re-encoded, until the ground truth survives exactly.
+
+    Args:
+        ground_truth: Class → bool mask for the classes the case annotates (kept voxel for voxel).
+        pseudo: Class → bool mask for accepted predictions of the other classes.
+        affine: Voxel → RAS+ affine of the grid (left/right decoding of paired parents).
+        classes: The classes of the label map's inline spec (:func:`universal.data.universal_id_label_map_spec`).
+
+    Returns:
+        ``(label_map int16, decoded)`` where ``decoded`` maps every class of ``ground_truth`` and ``pseudo`` to the
+        mask that the label map gives back (what training sees).
+
+    Raises:
+        RuntimeError: if the ground truth could not be preserved (a bug; never silently written).
+    """
+    from universal import taxonomy
+    from universal.data import label_map_from_spec, universal_id_label_map_spec
+
+    names = list(classes)
+    implied = _implied(names)
+    gt = {n: np.asarray(m, dtype=bool) for n, m in ground_truth.items()}
+    ps: dict[str, np.ndarray] = {}
+    for n, m in pseudo.items():
+        m = np.asarray(m, dtype=bool).copy()
+        imp = implied.get(n, {n})
+        parents_gt = [g for g in imp - {n} if g in gt]
+        if parents_gt:  # a tumour stays inside its ground-truth parent organ
+            m &= _union(gt, parents_gt, m)
+        others = [g for g in gt if g not in imp]
+        if others:  # and never paints over a ground-truth class it does not imply
+            m &= ~_union(gt, others, m)
+        ps[n] = m
+    spec_map = label_map_from_spec(PSEUDO_DATASET, universal_id_label_map_spec(names))
+    wanted = [n for n in names if n in gt or n in ps]
+    if gt:  # can the ground truth alone be stored in one universal-id label map?
+        alone = taxonomy.transfer_labels(encode_label_map(gt, gt), spec_map, affine, list(gt))
+        lost = [g for i, g in enumerate(gt) if not np.array_equal(alone[i], gt[g])]
+        if lost:
+            raise UnstorableGroundTruth(
+                f"the ground truth of {lost} overlaps other classes in a way one universal-id label map cannot "
+                "store (only tumours may lie inside their parent organ)"
+            )
+    for _ in range(max_rounds):
+        label = encode_label_map({**ps, **gt}, ground_truth=gt)
+        decoded_arr = taxonomy.transfer_labels(label, spec_map, affine, wanted)
+        decoded = {n: decoded_arr[i] for i, n in enumerate(wanted)}
+        bad = np.zeros(label.shape, dtype=bool)
+        for g, m in gt.items():
+            bad |= decoded[g] != m
+        if not bad.any():
+            return label, decoded
+        for n in ps:
+            ps[n] = ps[n] & ~bad
+    raise RuntimeError(
+        "pseudo-labels could not be merged without changing the ground truth; please report this case"
+    )
+
+
+class UnstorableGroundTruth(InputError):
+    """A case whose ground-truth classes overlap beyond tumour ⊂ parent organ (cannot be one label map)."""
+
+
+def _union(masks: Mapping[str, np.ndarray], names: Iterable[str], like: np.ndarray) -> np.ndarray:
+    out = np.zeros(like.shape, dtype=bool)
+    for n in names:
+        if n in masks:
+            out |= masks[n]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ quality checks
+def _components(mask: np.ndarray) -> int:
+    from scipy import ndimage
+
+    if not mask.any():
+        return 0
+    return int(ndimage.label(mask, structure=np.ones((3, 3, 3), bool))[1])
+
+
+def _centroid_x(mask: np.ndarray, affine: np.ndarray) -> float:
+    idx = np.argwhere(mask)
+    c = idx.mean(axis=0)
+    return float(affine[0, :3] @ c + affine[0, 3])
+
+
+def quality_flags(
+    masks: Mapping[str, np.ndarray],
+    affine: np.ndarray,
+    rows: Mapping[str, Mapping[str, Any]],
+    config: PseudoLabelConfig,
+) -> list[str]:
+    """Review flags of one case (see the module docstring); ``rows`` are the per-class report entries."""
+    from universal import taxonomy
+    from universal.postprocess import MULTI_COMPONENT_CLASSES
+
+    flags: list[str] = []
+    done: set[str] = set()
+    for n, m in masks.items():
+        info = taxonomy.resolve_class(n)
+        if info.paired and info.side == "right" and info.paired in masks and n not in done:
+            left = masks[info.paired]
+            done |= {n, info.paired}
+            if m.any() and left.any():
+                xr, xl = _centroid_x(m, affine), _centroid_x(left, affine)
+                if not xr > xl:
+                    flags.append(
+                        f"left/right implausible: {n} centroid x={xr:.1f} mm is not right of "
+                        f"{info.paired} x={xl:.1f} mm (RAS+: right = larger x)"
+                    )
+    for n, row in rows.items():
+        info = taxonomy.resolve_class(n)
+        comps = row.get("components") or 0
+        if (
+            row.get("source") != "dropped"
+            and not info.is_tumor
+            and n not in MULTI_COMPONENT_CLASSES
+            and comps > config.review_max_components
+        ):
+            flags.append(f"fragmented: {n} ({row['source']}) has {comps} components")
+        if row.get("source") == "dropped":
+            flags.append(
+                f"low confidence: {n} mean p={row['mean_confidence']:.2f} < {config.min_confidence}; left unannotated"
+            )
+        elif row.get("source") == "pseudo":
+            conf = row.get("mean_confidence")
+            if conf is not None and not math.isnan(conf) and conf < config.review_min_confidence:
+                flags.append(
+                    f"uncertain: {n} pseudo-label mean p={conf:.2f} < {config.review_min_confidence}"
+                )
+        dsc = row.get("agreement_dsc")
+        if (
+            row.get("source") == "ground truth"
+            and dsc is not None
+            and not math.isnan(dsc)
+            and dsc < config.review_min_dsc
+        ):
+            flags.append(f"disagreement: model vs ground truth {n} DSC={dsc:.2f} < {config.review_min_dsc}")
+    return flags
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def _as_cases(source: Any) -> tuple[list[Any], Path | None]:
+    from universal.data import Case, Manifest, load_manifest, validate_manifest
+
+    if isinstance(source, (str, os.PathLike)):
+        source = load_manifest(source)
+    if isinstance(source, Manifest):
+        validate_manifest(source, strict=True)
+        return list(source.cases), source.path
+    cases = list(source)
+    if not all(isinstance(c, Case) for c in cases):
+        raise InputError("pseudo_label takes a manifest path, a Manifest or a list of universal.data.Case")
+    return cases, None
+
+
+def _as_model(model: Any):
+    if isinstance(model, (str, os.PathLike)):
+        from universal.model import load_pretrained
+
+        return load_pretrained(str(model))
+    return model
+
+
+def _dsc(a: np.ndarray, b: np.ndarray) -> float:
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else 2.0 * int(np.logical_and(a, b).sum()) / s
+
+
+def pseudo_label(
+    manifest_or_cases: Any,
+    model: Any,
+    out_dir: str | os.PathLike,
+    threshold: float = 0.5,
+    min_confidence: float = 0.75,
+    postprocess: Any = True,
+    *,
+    classes: Iterable[str] | None = None,
+    config: PseudoLabelConfig | None = None,
+    device: Any = None,
+    fast: bool = False,
+    patch_size: int | Sequence[int] | None = None,
+    progress: bool = False,
+) -> tuple[Path, dict[str, Any]]:
+    """Pseudo-label a manifest's cases with ``model``; keep ground truth, fill the rest, write a new manifest.
+
+    Args:
+        manifest_or_cases: A manifest path, a :class:`~universal.data.Manifest` or a list of
+            :class:`~universal.data.Case`.
+        model: A trained ``UniversalModel`` or a checkpoint path / pretrained name.
+        out_dir: Output folder (``manifest.json``, ``labels/``, ``quality_report.json``/``.csv``).
+        threshold: Probability threshold of predicted masks.
+        min_confidence: Mean probability a predicted mask needs to become a pseudo-label.
+        postprocess: Component rules: ``True`` (defaults), ``False`` or a
+            :class:`universal.postprocess.PostprocessConfig`.
+        classes: Classes to label (default: all of the model's classes).
+        config: Full :class:`PseudoLabelConfig` (its ``threshold``/``min_confidence`` are overridden by the
+            arguments above when those differ from the defaults).
+        device, fast, patch_size: Passed to :func:`universal.inference.segment` (``patch_size`` defaults to the
+            training patch size recorded in the checkpoint, else 96; spacing and HU window come from the model's
+            recorded preprocessing).
+
+    Returns:
+        ``(path of the new manifest, report)``; ``report["cases"]`` holds one dict per case with ``flags``.
+    """
+    from universal.data import Case, case_targets, universal_id_label_map_spec, write_manifest
+    from universal.inference import segment
+    from universal.io import load_volume, save_mask
+    from universal.preprocess import PreprocessConfig
+
+    cfg = config or PseudoLabelConfig()
+    if threshold != cfg.threshold or min_confidence != cfg.min_confidence:
+        cfg = PseudoLabelConfig(
+            **{**asdict(cfg), "threshold": float(threshold), "min_confidence": float(min_confidence)}
+        )
+    if not 0.0 < cfg.threshold < 1.0:
+        raise InputError(f"threshold must be in (0, 1), got {cfg.threshold}")
+    cases, source_path = _as_cases(manifest_or_cases)
+    net = _as_model(model)
+    names = list(net.class_names) if classes is None else [n for n in _names(classes)]
+    missing = [n for n in names if n not in net.class_names]
+    if missing:
+        raise InputError(f"the model does not predict {missing}; it predicts {list(net.class_names)}")
+    prep = dict(getattr(net, "preprocessing", {}) or {})
+    pre_cfg = None
+    if not fast and prep.get("spacing") is not None:
+        pre_cfg = PreprocessConfig(
+            spacing_mm=tuple(float(s) for s in np.broadcast_to(prep["spacing"], (3,))),
+            hu_window=tuple(float(w) for w in prep.get("window", (-175.0, 250.0))),
+        )
+    if patch_size is None:
+        patch_size = (getattr(net, "checkpoint_extra", None) or {}).get("training", {}).get("patch_size")
+    out = Path(out_dir)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    spec = universal_id_label_map_spec(names)
+    from universal.data import label_map_from_spec
+
+    pseudo_map = label_map_from_spec(PSEUDO_DATASET, spec)
+
+    new_cases: list[Case] = []
+    reports: list[dict[str, Any]] = []
+    iterator: Iterable[Any] = cases
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(cases, desc="pseudo-label")
+    for case in iterator:
+        volume = load_volume(case.image)
+        gt_names = [n for n in case.ground_truth_classes() if n in names]
+        gt_masks: dict[str, np.ndarray] = {}
+        if gt_names:
+            arr = case_targets(case, volume, gt_names)
+            gt_masks = {n: arr[i] for i, n in enumerate(gt_names)}
+        seg = segment(
+            volume,
+            classes=names,
+            model=net,
+            device=device,
+            fast=fast,
+            return_probabilities=True,
+            postprocess=postprocess,
+            threshold=cfg.threshold,
+            preprocess_config=pre_cfg,
+            patch_size=patch_size,
+        )
+        probs = seg.probabilities or {}
+        voxel_ml = abs(float(np.linalg.det(np.asarray(volume.affine)[:3, :3]))) / 1000.0
+        rows: dict[str, dict[str, Any]] = {}
+        accepted: dict[str, np.ndarray] = {}
+        for n in names:
+            pred = np.asarray(seg.masks[n], dtype=bool)
+            p = probs.get(n)
+            conf = (
+                float(np.asarray(p[pred], dtype=np.float32).mean())
+                if (p is not None and pred.any())
+                else float("nan")
+            )
+            row: dict[str, Any] = {"mean_confidence": conf, "agreement_dsc": None}
+            if n in gt_masks:
+                row["source"] = "ground truth"
+                row["agreement_dsc"] = _dsc(pred, gt_masks[n])
+            elif not pred.any():
+                row["source"] = "pseudo" if cfg.empty_as_negative else "dropped"
+                if cfg.empty_as_negative:
+                    accepted[n] = pred
+            elif conf >= cfg.min_confidence:
+                row["source"] = "pseudo"
+                accepted[n] = pred
+            else:
+                row["source"] = "dropped"
+            rows[n] = row
+        try:
+            label, final = merge_with_ground_truth(gt_masks, accepted, volume.affine, names)
+        except UnstorableGroundTruth as exc:
+            new_cases.append(case)  # kept as it was: never trade ground truth for pseudo-labels
+            reports.append(
+                {
+                    "case": case.name,
+                    "dataset": case.dataset,
+                    "label": str(case.label) if case.label else None,
+                    "classes": rows,
+                    "flags": [f"not pseudo-labelled: {exc}"],
+                    "review": True,
+                }
+            )
+            continue
+        for n, row in rows.items():
+            m = final.get(n)
+            row["volume_ml"] = float(m.sum()) * voxel_ml if m is not None else None
+            row["components"] = _components(m) if m is not None else None
+            if m is not None and n in accepted:
+                # predicted voxels the single label map could not keep (overlaps with ground truth / other classes)
+                row["pseudo_voxels_lost"] = int(np.logical_and(accepted[n], ~m).sum())
+        flags = quality_flags(final, volume.affine, rows, cfg)
+        label_path = out / "labels" / f"{case.name}.nii.gz"
+        save_mask(label, volume, label_path, dtype=np.int16)
+        annotated = tuple(n for n in names if n in final)
+        pseudo_classes = tuple(n for n in annotated if n not in gt_masks)
+        meta = dict(case.meta)
+        meta["source_dataset"] = case.dataset
+        if case.label is not None:
+            meta["source_label"] = str(case.label)
+        new_cases.append(
+            Case(
+                case.name,
+                Path(case.image),
+                label_path,
+                PSEUDO_DATASET,
+                pseudo_map,
+                annotated,
+                pseudo_classes,
+                meta,
+            )
+        )
+        reports.append(
+            {
+                "case": case.name,
+                "dataset": case.dataset,
+                "label": str(label_path),
+                "classes": rows,
+                "flags": flags,
+                "review": bool(flags),
+            }
+        )
+    manifest_path = write_manifest(new_cases, out / "manifest.json")
+    report = {
+        "source": str(source_path) if source_path else None,
+        "manifest": str(manifest_path),
+        "settings": {
+            **asdict(cfg),
+            "classes": names,
+            "postprocess": bool(postprocess) if isinstance(postprocess, bool) else repr(postprocess),
+        },
+        "cases": reports,
+        "flagged": [r["case"] for r in reports if r["flags"]],
+    }
+    _write_report(out, report)
+    return manifest_path, report
+
+
+def _names(classes: Iterable[str]) -> list[str]:
+    from universal import taxonomy
+
+    return [c.name for c in taxonomy.resolve_classes(classes)]
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, (np.floating, np.integer)):
+        return _json_safe(v.item())
+    return v
+
+
+def _write_report(out: Path, report: Mapping[str, Any]) -> None:
+    from universal.data import _atomic_write_text
+
+    _atomic_write_text(out / "quality_report.json", json.dumps(_json_safe(report), indent=2) + "\n")
+    fields = [
+        "case",
+        "class",
+        "source",
+        "volume_ml",
+        "components",
+        "mean_confidence",
+        "agreement_dsc",
+        "review",
+    ]
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for c in report["cases"]:
+        for n, row in c["classes"].items():
+            w.writerow({"case": c["case"], "class": n, "review": c["review"], **_json_safe(row)})
+    _atomic_write_text(out / "quality_report.csv", buf.getvalue())
