@@ -11,6 +11,7 @@ through ``st.cache_resource`` (models, the built-in samples).
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 import warnings
@@ -37,14 +38,17 @@ st.set_page_config(page_title="universal · CT segmentation", page_icon=":materi
 # ============================================================================================ shared caches
 @st.cache_resource(show_spinner=False)
 def _warm_up() -> dict[str, Any]:
-    """Once per server, after the first page is drawn: import torch/MONAI and load the default model in a
-    background thread, so that the first click on "Segment" does not wait for them."""
+    """Once per server: a background thread imports torch while the first page loads the sample, then (once
+    that page is drawn) imports MONAI and loads the default model, so the first "Segment" does not wait."""
     import threading
 
-    holder: dict[str, Any] = {"key": None, "model": None}
+    holder: dict[str, Any] = {"key": None, "model": None, "page_drawn": threading.Event()}
 
     def work() -> None:
         try:
+            import universal.model  # noqa: F401 - torch: the sidebar's model list needs it too
+
+            holder["page_drawn"].wait(timeout=20)
             import universal.inference  # noqa: F401
 
             key = next(c.key for c in al.model_choices() if c.available)
@@ -117,6 +121,7 @@ ss.setdefault("_n_segment_runs", 0)
 if "_folder" not in ss or ss["_folder"].closed:
     ss["_folder"] = al.SessionFolder()
 folder: al.SessionFolder = ss["_folder"]
+warm_up = _warm_up()
 
 
 def _reset_results() -> None:
@@ -248,11 +253,21 @@ with st.sidebar:
 
     encoder_opt = st.selectbox(
         "Text encoder",
-        ["model's own", "minilm", "clip", "onehot"],
+        ["model's own", "minilm", "clip", "onehot", "other"],
+        format_func=lambda e: "other (a spec)…" if e == "other" else e,
         key="encoder",
         help="The encoder that turns prompts into embeddings. A trained model only works with an encoder of the "
         "width it was trained with; the demo model is built with the one chosen here.",
     )
+    if encoder_opt == "other":
+        encoder_opt = (
+            st.text_input(
+                "Encoder spec",
+                key="encoder_spec",
+                placeholder="clip:ViT-B-32:/path/weights.safetensors or table:/path/emb.npy",
+            ).strip()
+            or "model's own"
+        )
     templates = _templates()
     tmpl_key = st.selectbox(
         "Prompt template",
@@ -424,9 +439,9 @@ if result is not None:
 
 
 # ============================================================================================ tabs
-tab_seg, tab_3d, tab_eval, tab_cmp, tab_dl = st.tabs(
-    ["Segmentation", "3-D", "Evaluate", "Compare prompts", "Download"]
-)
+# stateful tabs: only the open tab's code runs, so a 3-D mesh or an evaluation is computed when looked at
+TABS = ["Segmentation", "3-D", "Evaluate", "Compare prompts", "Download"]
+tab_seg, tab_3d, tab_eval, tab_cmp, tab_dl = st.tabs(TABS, key="tab", on_change="rerun")
 
 
 def _legend(names: list[str]) -> str:
@@ -442,10 +457,24 @@ def _legend(names: list[str]) -> str:
 
 
 def _view_controls(prefix: str, shape: tuple[int, ...], default_view: str = "axial") -> tuple[str, int]:
-    view = st.radio("View", VIEWS, horizontal=True, key=f"{prefix}_view", index=VIEWS.index(default_view))
+    view = st.radio(
+        "View",
+        VIEWS,
+        horizontal=True,
+        key=f"{prefix}_view",
+        persist_state="page",
+        index=VIEWS.index(default_view),
+    )
     n = viz.num_slices(shape, view)
     default = ss.get(f"{prefix}_default_{view}", n // 2)
-    idx = st.slider("Slice", 0, max(n - 1, 1), min(int(default), n - 1), key=f"{prefix}_slice_{view}")
+    idx = st.slider(
+        "Slice",
+        0,
+        max(n - 1, 1),
+        min(int(default), n - 1),
+        key=f"{prefix}_slice_{view}",
+        persist_state="page",
+    )
     return view, min(int(idx), n - 1)
 
 
@@ -466,17 +495,34 @@ def _mask_centre_defaults(prefix: str, masks: dict[str, np.ndarray]) -> None:
 @st.fragment
 def slice_viewer() -> None:
     """The 2-D viewer: reruns on its own when a slider moves (the segmentation is never recomputed)."""
-    masks = seg.masks if seg is not None else {}
+    sources = (["segmentation"] if seg is not None else []) + (["reference"] if inp.get("gt_masks") else [])
     left, right = st.columns([3, 2], gap="medium")
     with right:
+        source = None
+        if len(sources) > 1:
+            source = st.radio("Overlay", sources, horizontal=True, key="overlay_source", persist_state="page",
+                              help="The model's masks, or the reference (ground truth) of the sample.")  # fmt: skip
+        elif sources:
+            source = sources[0]
+            st.caption(
+                f"Overlay: the {source}"
+                + (" (run a segmentation to see yours)" if source == "reference" else "")
+            )
+        if source == "segmentation":
+            masks = seg.masks
+        elif source == "reference":
+            masks = {n: m for n, m in inp["gt_masks"].items() if m.any()}
+        else:
+            masks = {}
         view, idx = _view_controls("viewer", volume.array.shape)
-        opacity = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key="opacity")
+        opacity = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key="opacity", persist_state="page")
         presets = viz.window_presets()
         window = st.radio(
             "CT window",
             list(presets),
             horizontal=True,
             key="window",
+            persist_state="page",
             format_func=lambda w: f"{w} ({presets[w][0]:g}/{presets[w][1]:g})",
         )
         shown = []
@@ -485,7 +531,9 @@ def slice_viewer() -> None:
             cols = st.columns(2)
             for i, name in enumerate(masks):
                 empty = "" if masks[name].any() else " (empty)"
-                if cols[i % 2].checkbox(f"{name}{empty}", value=True, key=f"show_{name}"):
+                if cols[i % 2].checkbox(
+                    f"{name}{empty}", value=True, key=f"show_{name}", persist_state="page"
+                ):
                     shown.append(name)
     with left:
         t0 = time.perf_counter()
@@ -510,31 +558,32 @@ def slice_viewer() -> None:
 
 
 with tab_seg:
-    if volume is None:
-        st.info("No CT loaded yet.")
-    else:
-        if seg is not None:
-            _mask_centre_defaults("viewer", seg.masks)
-        slice_viewer()
-        if seg is not None:
-            c1, c2 = st.columns([3, 2], gap="medium")
-            with c1, st.container(key="volume_table"):
-                st.subheader("Volumes and mean HU")
-                st.dataframe(viz.results_frame(seg), hide_index=True)
-            with c2, st.container(key="timing_table"):
-                st.subheader("Timing")
-                tf = viz.timings_frame({**seg.timings})
-                tf.loc[len(tf)] = ["model load (app)", result["model_seconds"], np.nan]
-                st.dataframe(
-                    tf,
-                    hide_index=True,
-                    column_config={
-                        "seconds": st.column_config.NumberColumn(format="%.2f s"),
-                        "share": st.column_config.ProgressColumn(
-                            min_value=0.0, max_value=1.0, format="percent"
-                        ),
-                    },
-                )
+    if tab_seg.open:
+        if volume is None:
+            st.info("No CT loaded yet.")
+        else:
+            _mask_centre_defaults("viewer", seg.masks if seg is not None else inp.get("gt_masks", {}))
+            slice_viewer()
+            if seg is not None:
+                c1, c2 = st.columns([3, 2], gap="medium")
+                with c1, st.container(key="volume_table"):
+                    st.subheader("Volumes and mean HU")
+                    vt = viz.results_frame(seg)
+                    st.dataframe(vt, hide_index=True, height=min(36 * (len(vt) + 1) + 3, 640))
+                with c2, st.container(key="timing_table"):
+                    st.subheader("Timing")
+                    tf = viz.timings_frame({**seg.timings})
+                    tf.loc[len(tf)] = ["model load (app)", result["model_seconds"], np.nan]
+                    st.dataframe(
+                        tf,
+                        hide_index=True,
+                        column_config={
+                            "seconds": st.column_config.NumberColumn(format="%.2f s"),
+                            "share": st.column_config.ProgressColumn(
+                                min_value=0.0, max_value=1.0, format="percent"
+                            ),
+                        },
+                    )
 
 
 # -------------------------------------------------------------------------------------------- 3-D
@@ -545,11 +594,17 @@ def mesh_view() -> None:
         st.info("All masks are empty: nothing to draw.")
         return
     c1, c2, c3 = st.columns([4, 1, 1])
-    names = c1.multiselect("Classes in 3-D", nonempty, default=nonempty, key="mesh_classes")
-    cap = c2.select_slider(
-        "Max triangles", [20_000, 40_000, 60_000, 100_000, 150_000], 60_000, key="mesh_cap"
+    names = c1.multiselect(
+        "Classes in 3-D", nonempty, default=nonempty, key="mesh_classes", persist_state="page"
     )
-    opacity = c3.slider("Opacity", 0.2, 1.0, 1.0, 0.1, key="mesh_opacity")
+    cap = c2.select_slider(
+        "Max triangles",
+        [20_000, 40_000, 60_000, 100_000, 150_000],
+        60_000,
+        key="mesh_cap",
+        persist_state="page",
+    )
+    opacity = c3.slider("Opacity", 0.2, 1.0, 1.0, 0.1, key="mesh_opacity", persist_state="page")
     if not names:
         st.info("Choose at least one class.")
         return
@@ -569,10 +624,11 @@ def mesh_view() -> None:
 
 
 with tab_3d:
-    if seg is None:
-        st.info("Run a segmentation to see the 3-D view.")
-    else:
-        mesh_view()
+    if tab_3d.open:
+        if seg is None:
+            st.info("Run a segmentation to see the 3-D view.")
+        else:
+            mesh_view()
 
 
 # -------------------------------------------------------------------------------------------- evaluate
@@ -581,7 +637,7 @@ def _gt_input() -> tuple[str, Any] | None:
         "Upload a label map",
         "Path on the server",
     ]
-    src = st.radio("Ground truth", options, horizontal=True, key="gt_source")
+    src = st.radio("Ground truth", options, horizontal=True, key="gt_source", persist_state="page")
     if src == "The sample's reference":
         st.caption(inp.get("gt_label", ""))
         return ("sample", inp["id"])
@@ -589,13 +645,21 @@ def _gt_input() -> tuple[str, Any] | None:
         "Label values are…",
         _gt_conventions(),
         key="gt_convention",
+        persist_state="page",
         help="Universal ids 1-32, FLARE 2023 ids 1-14, or the ids of a public dataset (mapped through the "
         "taxonomy; classes it does not annotate are shown as 'not annotated').",
     )
     if src == "Upload a label map":
         up = st.file_uploader("Label map (NIfTI, NRRD, MHA) on the CT's grid", key="gt_upload")
-        return ("upload", (up, convention)) if up is not None else None
-    p = st.text_input("Label map on the server", key="gt_path").strip()
+        if up is not None:
+            return ("upload", (up, convention))
+        prev = ss.get("gt") or {}
+        if str(prev.get("id", "")).startswith("upload:") and not prev.get("error"):
+            # the uploader forgets its file when the tab is closed; the loaded reference is kept
+            st.caption(f"Using the label map uploaded before: {prev.get('name', '')}")
+            return ("kept", prev["id"])
+        return None
+    p = st.text_input("Label map on the server", key="gt_path", persist_state="page").strip()
     return ("path", (p, convention)) if p else None
 
 
@@ -615,6 +679,8 @@ def _load_gt(ref: tuple[str, Any]) -> dict[str, Any]:
 
 def _gt_id(ref: tuple[str, Any]) -> str:
     kind, value = ref
+    if kind == "kept":
+        return value
     if kind == "sample":
         return f"sample:{value}"
     src, convention = value
@@ -624,78 +690,89 @@ def _gt_id(ref: tuple[str, Any]) -> str:
 
 
 with tab_eval:
-    if volume is None:
-        st.info("No CT loaded yet.")
-    else:
-        gt_ref = _gt_input()
-        preset_label = st.radio(
-            "Rules",
-            [
-                "FLARE 2023 (classes, tolerances, rules)",
-                "all segmented classes (NSD tolerance 2 mm or FLARE's)",
-            ],
-            horizontal=True,
-            key="eval_preset",
-        )
-        preset = "flare23" if preset_label.startswith("FLARE") else None
-        gt = None
-        if gt_ref is not None:
-            gid = _gt_id(gt_ref)
-            if ss.get("gt", {}).get("id") != gid:
-                try:
-                    ss["gt"] = {"id": gid, **_load_gt(gt_ref)}
-                except UniversalError as exc:
-                    ss["gt"] = {"id": gid, "error": str(exc)}
-                except (OSError, ValueError) as exc:
-                    ss["gt"] = {"id": gid, "error": f"could not read this label map: {exc}"}
-            gt = ss["gt"]
-            if gt.get("error"):
-                st.error(gt["error"], icon=":material/error:")
-                gt = None
-        if seg is None:
-            st.info("Run a segmentation first; its masks are then scored against the ground truth.")
-        elif gt is not None:
-            ekey = (result["id"], gt["id"], preset)
-            ev = ss.get("evaluation")
-            if ev is None or ev["key"] != ekey:
-                try:
-                    with st.spinner("Computing DSC and NSD…"):
-                        t0 = time.perf_counter()
-                        res = al.evaluate_segmentation(
-                            seg, gt["masks"], gt["annotated"], volume.spacing, preset=preset
+    if tab_eval.open:
+        if volume is None:
+            st.info("No CT loaded yet.")
+        else:
+            gt_ref = _gt_input()
+            preset_label = st.radio(
+                "Rules",
+                [
+                    "FLARE 2023 (classes, tolerances, rules)",
+                    "all segmented classes (NSD tolerance 2 mm or FLARE's)",
+                ],
+                horizontal=True,
+                key="eval_preset",
+                persist_state="page",
+            )
+            preset = "flare23" if preset_label.startswith("FLARE") else None
+            gt = None
+            if gt_ref is not None:
+                gid = _gt_id(gt_ref)
+                if ss.get("gt", {}).get("id") != gid:
+                    try:
+                        name = gt_ref[1][0].name if gt_ref[0] == "upload" else str(gt_ref[1])
+                        ss["gt"] = {"id": gid, "name": name, **_load_gt(gt_ref)}
+                    except UniversalError as exc:
+                        ss["gt"] = {"id": gid, "error": str(exc)}
+                    except (OSError, ValueError) as exc:
+                        ss["gt"] = {"id": gid, "error": f"could not read this label map: {exc}"}
+                gt = ss["gt"]
+                if gt.get("error"):
+                    st.error(gt["error"], icon=":material/error:")
+                    gt = None
+            if seg is None:
+                st.info("Run a segmentation first; its masks are then scored against the ground truth.")
+            elif gt is not None:
+                ekey = (result["id"], gt["id"], preset)
+                ev = ss.get("evaluation")
+                if ev is None or ev["key"] != ekey:
+                    try:
+                        with st.spinner("Computing DSC and NSD…"):
+                            t0 = time.perf_counter()
+                            res = al.evaluate_segmentation(
+                                seg, gt["masks"], gt["annotated"], volume.spacing, preset=preset
+                            )
+                            ev = {
+                                "key": ekey,
+                                "result": res,
+                                "seconds": time.perf_counter() - t0,
+                                "error": None,
+                            }
+                    except UniversalError as exc:
+                        ev = {"key": ekey, "result": None, "error": str(exc)}
+                    ss["evaluation"] = ev
+                if ev["error"]:
+                    st.error(ev["error"], icon=":material/error:")
+                else:
+                    res = ev["result"]
+                    frame = viz.metrics_frame(res)
+                    means = res.mean()
+                    m1, m2, m3 = st.columns(3)
+                    m1.metric("Mean DSC", "–" if np.isnan(means["dsc"]) else f"{means['dsc']:.3f}")
+                    m2.metric("Mean NSD", "–" if np.isnan(means["nsd"]) else f"{means['nsd']:.3f}")
+                    m3.metric("Classes scored", f"{len(res.evaluated)} / {len(res.scores)}")
+                    c1, c2 = st.columns([2, 3])
+                    with c1, st.container(key="metrics_table"):
+                        show = frame[
+                            [c for c in ("class", "dsc", "nsd", "tolerance_mm", "status") if c in frame]
+                        ]
+                        st.dataframe(
+                            show,
+                            hide_index=True,
+                            height=min(36 * (len(show) + 1) + 3, 640),
+                            column_config={
+                                "dsc": st.column_config.NumberColumn("DSC", format="%.3f"),
+                                "nsd": st.column_config.NumberColumn("NSD", format="%.3f"),
+                                "tolerance_mm": st.column_config.NumberColumn("NSD tol. (mm)", format="%g"),
+                            },
                         )
-                        ev = {"key": ekey, "result": res, "seconds": time.perf_counter() - t0, "error": None}
-                except UniversalError as exc:
-                    ev = {"key": ekey, "result": None, "error": str(exc)}
-                ss["evaluation"] = ev
-            if ev["error"]:
-                st.error(ev["error"], icon=":material/error:")
-            else:
-                res = ev["result"]
-                frame = viz.metrics_frame(res)
-                means = res.mean()
-                m1, m2, m3 = st.columns(3)
-                m1.metric("Mean DSC", "–" if np.isnan(means["dsc"]) else f"{means['dsc']:.3f}")
-                m2.metric("Mean NSD", "–" if np.isnan(means["nsd"]) else f"{means['nsd']:.3f}")
-                m3.metric("Classes scored", f"{len(res.evaluated)} / {len(res.scores)}")
-                c1, c2 = st.columns([2, 3])
-                with c1, st.container(key="metrics_table"):
-                    show = frame[[c for c in ("class", "dsc", "nsd", "tolerance_mm", "status") if c in frame]]
-                    st.dataframe(
-                        show,
-                        hide_index=True,
-                        column_config={
-                            "dsc": st.column_config.NumberColumn("DSC", format="%.3f"),
-                            "nsd": st.column_config.NumberColumn("NSD", format="%.3f"),
-                            "tolerance_mm": st.column_config.NumberColumn("NSD tol. (mm)", format="%g"),
-                        },
-                    )
-                    st.caption(
-                        "Classes the ground truth does not annotate are shown as *not annotated* and are left out "
-                        f"of the means (computed in {ev['seconds']:.1f} s)."
-                    )
-                with c2, st.container(key="metrics_chart"):
-                    st.plotly_chart(viz.metrics_bar_chart(res), config={"displaylogo": False})
+                        st.caption(
+                            "Classes the ground truth does not annotate are shown as *not annotated* and are left out "
+                            f"of the means (computed in {ev['seconds']:.1f} s)."
+                        )
+                    with c2, st.container(key="metrics_chart"):
+                        st.plotly_chart(viz.metrics_bar_chart(res), config={"displaylogo": False})
 
 
 # -------------------------------------------------------------------------------------------- compare prompts
@@ -717,119 +794,152 @@ def compare_viewer(seg_b: Any) -> None:
 
 
 with tab_cmp:
-    if seg is None:
-        st.info("Run a segmentation first (run A); then choose a second template or encoder here (run B).")
-    else:
-        st.markdown(f"**Run A**: template “{seg.info.get('template')}”, encoder `{seg.info.get('encoder')}`.")
-        c1, c2, c3 = st.columns([3, 2, 1])
-        tkey_b = c1.selectbox(
-            "Template B",
-            [*templates, "custom"],
-            index=min(1, len(templates) - 1),
-            format_func=lambda k: "free text…" if k == "custom" else templates[k].replace("{}", "…"),
-            key="template_b_key",
-        )
-        template_b = templates.get(tkey_b)
-        if tkey_b == "custom":
-            template_b = c1.text_input(
-                "Template B ({} = class name)", "There is {} in this CT", key="template_b"
+    if tab_cmp.open:
+        if seg is None:
+            st.info(
+                "Run a segmentation first (run A); then choose a second template or encoder here (run B)."
             )
-        enc_b_opt = c2.selectbox("Encoder B", ["same as A", "minilm", "clip", "onehot"], key="encoder_b")
-        encoder_b = None if enc_b_opt == "same as A" else enc_b_opt
-        c3.write("")
-        run_b = c3.button("Run B", key="run_b", icon=":material/play_arrow:")
-        if run_b:
-            slot = st.empty()
-            box = slot.container(border=True)
-            try:
-                enc_model = encoder_b if encoder_b is not None else result["encoder"]
-                with box, st.spinner("Loading the model…"):
-                    model_b = _model(result["model_key"], result["checkpoint"], enc_model)
-                seg_b = _segment(model_b, template_b, box)
-                enc_a = str(seg.info.get("encoder") or "minilm")
-                enc_b = str(seg_b.info.get("encoder") or enc_a)
-                try:
-                    sim = al.prompt_similarity_matrix(
-                        list(seg.masks), seg.info.get("template"), seg_b.info.get("template"), enc_a, enc_b
-                    )
-                    sim_error = None
-                except UniversalError as exc:
-                    sim, sim_error = None, str(exc)
-                ss["compare"] = {
-                    "result_id": result["id"],
-                    "seg": seg_b,
-                    "sim": sim,
-                    "sim_error": sim_error,
-                    "table": al.compare_segmentations(seg, seg_b),
-                }
-                slot.empty()
-            except UniversalError as exc:
-                slot.empty()
-                _show_error(exc)
-        cmp = ss.get("compare")
-        if cmp is not None and cmp["result_id"] == result["id"]:
-            seg_b = cmp["seg"]
+        else:
             st.markdown(
-                f"**Run B**: template “{seg_b.info.get('template')}”, encoder `{seg_b.info.get('encoder')}` "
-                f"({seg_b.timings.get('total', float('nan')):.1f} s)."
+                f"**Run A**: template “{seg.info.get('template')}”, encoder `{seg.info.get('encoder')}`."
             )
-            compare_viewer(seg_b)
-            d1, d2 = st.columns([2, 3])
-            with d1, st.container(key="compare_table"):
-                st.markdown("**Agreement per class** (DSC between run A and run B)")
-                st.dataframe(cmp["table"], hide_index=True)
-            with d2, st.container(key="similarity_chart"):
-                if cmp["sim"] is not None:
-                    names = list(seg.masks)
-                    diag = np.diag(cmp["sim"])
-                    st.plotly_chart(
-                        viz.similarity_heatmap(
-                            cmp["sim"], names, title="prompt similarity: rows template A, columns template B"
-                        ),
-                        config={"displaylogo": False},
-                    )
-                    st.caption(f"Same class, A vs B: mean cosine similarity {float(diag.mean()):.3f}.")
-                else:
-                    st.info(cmp["sim_error"])
+            c1, c2, c3 = st.columns([3, 2, 1])
+            tkey_b = c1.selectbox(
+                "Template B",
+                [*templates, "custom"],
+                index=min(1, len(templates) - 1),
+                format_func=lambda k: "free text…" if k == "custom" else templates[k].replace("{}", "…"),
+                key="template_b_key",
+                persist_state="page",
+            )
+            template_b = templates.get(tkey_b)
+            if tkey_b == "custom":
+                template_b = c1.text_input(
+                    "Template B ({} = class name)",
+                    "There is {} in this CT",
+                    key="template_b",
+                    persist_state="page",
+                )
+            enc_b_opt = c2.selectbox(
+                "Encoder B",
+                ["same as A", "minilm", "clip", "onehot", "other"],
+                key="encoder_b",
+                persist_state="page",
+            )
+            if enc_b_opt == "other":
+                enc_b_opt = (
+                    c2.text_input("Encoder B spec", key="encoder_b_spec", persist_state="page").strip()
+                    or "same as A"
+                )
+            encoder_b = None if enc_b_opt == "same as A" else enc_b_opt
+            c3.write("")
+            run_b = c3.button("Run B", key="run_b", icon=":material/play_arrow:")
+            if run_b:
+                slot = st.empty()
+                box = slot.container(border=True)
+                try:
+                    enc_model = encoder_b if encoder_b is not None else result["encoder"]
+                    with box, st.spinner("Loading the model…"):
+                        model_b = _model(result["model_key"], result["checkpoint"], enc_model)
+                    seg_b = _segment(model_b, template_b, box)
+                    enc_a = str(seg.info.get("encoder") or "minilm")
+                    enc_b = str(seg_b.info.get("encoder") or enc_a)
+                    try:
+                        sim = al.prompt_similarity_matrix(
+                            list(seg.masks),
+                            seg.info.get("template"),
+                            seg_b.info.get("template"),
+                            enc_a,
+                            enc_b,
+                        )
+                        sim_error = None
+                    except UniversalError as exc:
+                        sim, sim_error = None, str(exc)
+                    ss["compare"] = {
+                        "result_id": result["id"],
+                        "seg": seg_b,
+                        "sim": sim,
+                        "sim_error": sim_error,
+                        "table": al.compare_segmentations(seg, seg_b),
+                    }
+                    slot.empty()
+                except UniversalError as exc:
+                    slot.empty()
+                    _show_error(exc)
+            cmp = ss.get("compare")
+            if cmp is not None and cmp["result_id"] == result["id"]:
+                seg_b = cmp["seg"]
+                st.markdown(
+                    f"**Run B**: template “{seg_b.info.get('template')}”, encoder `{seg_b.info.get('encoder')}` "
+                    f"({seg_b.timings.get('total', float('nan')):.1f} s)."
+                )
+                compare_viewer(seg_b)
+                d1, d2 = st.columns([2, 3])
+                with d1, st.container(key="compare_table"):
+                    st.markdown("**Agreement per class** (DSC between run A and run B)")
+                    st.dataframe(cmp["table"], hide_index=True)
+                with d2, st.container(key="similarity_chart"):
+                    if cmp["sim"] is not None:
+                        names = list(seg.masks)
+                        diag = np.diag(cmp["sim"])
+                        st.plotly_chart(
+                            viz.similarity_heatmap(
+                                cmp["sim"],
+                                names,
+                                title="prompt similarity: rows template A, columns template B",
+                            ),
+                            config={"displaylogo": False},
+                        )
+                        st.caption(f"Same class, A vs B: mean cosine similarity {float(diag.mean()):.3f}.")
+                    else:
+                        st.info(cmp["sim_error"])
 
 
 # -------------------------------------------------------------------------------------------- download
 with tab_dl:
-    if seg is None:
-        st.info("Run a segmentation first.")
-    else:
-        dl = ss.get("downloads")
-        if dl is None or dl["result_id"] != result["id"]:
-            with st.spinner("Writing the files…"):
-                files = viz.saved_files(seg)
-            masks = {k: v for k, v in files.items() if k.startswith("masks/")}
-            dl = ss["downloads"] = {
-                "result_id": result["id"],
-                "labels": files.get("labels.nii.gz", b""),
-                "masks_zip": viz.zip_bytes(masks),
-            }
-        name = getattr(volume, "name", "ct") or "ct"
-        report = seg.report()
-        ev = ss.get("evaluation")
-        if ev is not None and ev.get("result") is not None and ev["key"][0] == result["id"]:
-            report["evaluation"] = ev["result"].to_dict()
-        st.markdown(
-            "Masks and labels are written on the **input file's own grid and affine** (the same files as "
-            "`universal segment`)."
-        )
-        c1, c2, c3, c4 = st.columns(4)
-        c1.download_button("labels.nii.gz", dl["labels"], f"{name}_labels.nii.gz", "application/gzip",
-                           key="dl_labels", on_click="ignore")  # fmt: skip
-        c2.download_button("masks (zip)", dl["masks_zip"], f"{name}_masks.zip", "application/zip",
-                           key="dl_masks", on_click="ignore")  # fmt: skip
-        c3.download_button("report.json", viz.to_json_bytes(report), f"{name}_report.json", "application/json",
-                           key="dl_report", on_click="ignore")  # fmt: skip
-        if ev is not None and ev.get("result") is not None and ev["key"][0] == result["id"]:
-            c4.download_button("metrics.csv", viz.metrics_csv(ev["result"]), f"{name}_metrics.csv", "text/csv",
-                               key="dl_metrics", on_click="ignore")  # fmt: skip
+    if tab_dl.open:
+        if seg is None:
+            st.info("Run a segmentation first.")
         else:
-            c4.caption("metrics.csv: evaluate first (Evaluate tab).")
+            # the NIfTI files are written only when a download button is clicked (once per result)
+            if ss.get("downloads", {}).get("result_id") != result["id"]:
+                ss["downloads"] = {"result_id": result["id"], "files": None, "lock": threading.Lock()}
+            dl = ss["downloads"]
+
+            def _files(seg: Any = seg, dl: dict = dl) -> dict[str, bytes]:
+                with dl["lock"]:
+                    if dl["files"] is None:
+                        dl["files"] = viz.saved_files(seg)
+                return dl["files"]
+
+            def _labels() -> bytes:
+                return _files()["labels.nii.gz"]
+
+            def _masks_zip() -> bytes:
+                return viz.zip_bytes({k: v for k, v in _files().items() if k.startswith("masks/")})
+
+            name = getattr(volume, "name", "ct") or "ct"
+            report = seg.report()
+            ev = ss.get("evaluation")
+            if ev is not None and ev.get("result") is not None and ev["key"][0] == result["id"]:
+                report["evaluation"] = ev["result"].to_dict()
+            st.markdown(
+                "Masks and labels are written on the **input file's own grid and affine** (the same files as "
+                "`universal segment`)."
+            )
+            c1, c2, c3, c4 = st.columns(4)
+            c1.download_button("labels.nii.gz", _labels, f"{name}_labels.nii.gz", "application/gzip",
+                               key="dl_labels", on_click="ignore")  # fmt: skip
+            c2.download_button("masks (zip)", _masks_zip, f"{name}_masks.zip", "application/zip",
+                               key="dl_masks", on_click="ignore")  # fmt: skip
+            c3.download_button("report.json", viz.to_json_bytes(report), f"{name}_report.json", "application/json",
+                               key="dl_report", on_click="ignore")  # fmt: skip
+            if ev is not None and ev.get("result") is not None and ev["key"][0] == result["id"]:
+                c4.download_button("metrics.csv", viz.metrics_csv(ev["result"]), f"{name}_metrics.csv", "text/csv",
+                                   key="dl_metrics", on_click="ignore")  # fmt: skip
+            else:
+                c4.caption("metrics.csv: evaluate first (Evaluate tab).")
 
 
-# start loading torch and the default model once per server, now that the page is drawn
-_warm_up()
+# the page is drawn: the warm-up may now load MONAI and the default model
+warm_up["page_drawn"].set()

@@ -7,14 +7,20 @@ Compares, for B = 2 batch items, k ∈ {1, 8, 32} classes and 8-channel head inp
   (the scheme of the official release);
 - ``vectorised``: ``universal.model.dynamic_heads``: three batched matrix products for all (item, class) pairs.
 
-Times are medians of several repeats after a warm-up; peak memory is the largest increase of the process's resident
-memory during a call (sampled every millisecond on CPU) or ``torch.cuda.max_memory_allocated`` on a GPU. Runs in
-about a minute on a 2-core CPU: ``python bench/heads.py`` (``--device cuda`` to use a GPU).
+- ``vectorised, chunks of 8``: the same over chunks of 8 classes (``chunk_size=8``), bounding the memory.
+
+Times are medians of repeats (after a warm-up; repeated until about ``--budget`` seconds per cell, so the slow
+loops on 96³ run once or twice); peak memory is the largest increase of the process's resident memory during one
+call (sampled every millisecond; the allocator may reuse freed memory, so small values read as 0) or
+``torch.cuda.max_memory_allocated`` on a GPU. About 1.5 minutes on an idle 2-core CPU:
+``python bench/heads.py`` (``--device cuda`` for a GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import os
 import statistics
@@ -89,32 +95,32 @@ class PeakRSS:
         return (self.peak - self.base) / 2**20
 
 
-def measure(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> tuple[float, float]:
-    """(median seconds, peak memory MiB) of ``fn``."""
+def measure(fn: Callable[[], torch.Tensor], device: torch.device, budget_s: float, max_repeats: int = 5):
+    """(median seconds, number of repeats, peak memory MiB) of ``fn``.
+
+    Repeats until ``budget_s`` seconds are spent (at least once, at most ``max_repeats`` times); the peak memory is
+    taken during the first repeat.
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()  # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - start)
-        del out
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = fn()
-        sync()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        del out
-    else:
-        with PeakRSS() as mem:
+    times: list[float] = []
+    peak = 0.0
+    while len(times) < max_repeats and (not times or sum(times) < budget_s):
+        if not times and device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        mem = PeakRSS() if (not times and device.type == "cpu") else contextlib.nullcontext()
+        with mem:
+            start = time.perf_counter()
             out = fn()
-        peak = mem.increase_mib
+            sync()
+            times.append(time.perf_counter() - start)
+        if isinstance(mem, PeakRSS):
+            peak = mem.increase_mib
+        elif len(times) == 1 and device.type == "cuda":
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         del out
-    return statistics.median(times), peak
+    return statistics.median(times), len(times), peak
 
 
 def main() -> None:
@@ -124,37 +130,53 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--sizes", type=int, nargs="+", default=[48, 96])
     parser.add_argument("--classes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--budget", type=float, default=2.0, help="seconds of repeats per method and setting")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
+    methods: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        "loop": loop_heads,
+        "grouped": grouped_heads,
+        "vectorised": dynamic_heads,
+        "vectorised, chunks of 8": lambda f, p: dynamic_heads(f, p, chunk_size=8),
+    }
 
-    header = (
-        "| input | k | loop ms | grouped ms | vectorised ms | speed-up vs loop | speed-up vs grouped "
-        "| loop MiB | grouped MiB | vectorised MiB |"
-    )
-    print(f"Dynamic heads, B={args.batch}, 8 channels, forward without grad, device={device}, threads={args.threads}")
-    print("(median of repeats; MiB = peak memory increase during one call)\n")
-    print(header)
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     total = time.perf_counter()
+    with torch.inference_mode():  # warm-up and correctness on a small input
+        features = torch.randn(args.batch, 8, 16, 16, 16, generator=gen).to(device)
+        params = torch.randn(args.batch, 12, 153, generator=gen).to(device)
+        ref = loop_heads(features, params)
+        for name, fn in methods.items():
+            torch.testing.assert_close(fn(features, params), ref, atol=1e-4, rtol=1e-4, msg=name)
+
+    print(
+        f"Dynamic heads, B={args.batch}, 8 channels, forward without grad, device={device}, threads={args.threads}"
+    )
+    memory_kind = "CUDA allocator" if device.type == "cuda" else "resident memory, 1 ms sampling"
+    print(
+        f"ms: median over n repeats (repeated until ~{args.budget:.0f} s per cell); "
+        f"MiB: peak memory increase during one call ({memory_kind})\n"
+    )
+    print(
+        "| input | k | loop ms | grouped ms | vectorised ms | vectorised chunks-of-8 ms | vectorised speed-up vs loop "
+        "| vs grouped | loop MiB | grouped MiB | vectorised MiB | chunks-of-8 MiB | n |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for size in args.sizes:
         for k in args.classes:
             features = torch.randn(args.batch, 8, size, size, size, generator=gen).to(device)
             params = (torch.randn(args.batch, k, 153, generator=gen) * 0.3).to(device)
-            voxels = args.batch * k * size**3
-            repeats = 3 if voxels > 2e7 else 5
+            results = {}
             with torch.inference_mode():
-                ref = loop_heads(features, params)
-                assert torch.allclose(dynamic_heads(features, params), ref, atol=1e-4, rtol=1e-4)
-                assert torch.allclose(grouped_heads(features, params), ref, atol=1e-4, rtol=1e-4)
-                del ref
-                t_loop, m_loop = measure(lambda: loop_heads(features, params), device, repeats)
-                t_grp, m_grp = measure(lambda: grouped_heads(features, params), device, repeats)
-                t_vec, m_vec = measure(lambda: dynamic_heads(features, params), device, repeats)
+                for name, fn in methods.items():
+                    results[name] = measure(functools.partial(fn, features, params), device, args.budget)
+            (t_l, n_l, m_l), (t_g, n_g, m_g) = results["loop"], results["grouped"]
+            (t_v, n_v, m_v), (t_c, n_c, m_c) = results["vectorised"], results["vectorised, chunks of 8"]
             print(
-                f"| {size}³ | {k} | {t_loop * 1e3:.1f} | {t_grp * 1e3:.1f} | {t_vec * 1e3:.1f} | "
-                f"{t_loop / t_vec:.2f}× | {t_grp / t_vec:.2f}× | {m_loop:.0f} | {m_grp:.0f} | {m_vec:.0f} |",
+                f"| {size}³ | {k} | {t_l * 1e3:.1f} | {t_g * 1e3:.1f} | {t_v * 1e3:.1f} | {t_c * 1e3:.1f} | "
+                f"{t_l / t_v:.2f}× | {t_g / t_v:.2f}× | {m_l:.0f} | {m_g:.0f} | {m_v:.0f} | {m_c:.0f} | "
+                f"{n_l}/{n_g}/{n_v}/{n_c} |",
                 flush=True,
             )
             del features, params

@@ -39,6 +39,12 @@ def _frame_with(at: AppTest, column: str):
     return found[0]
 
 
+def _open_tab(at: AppTest, name: str) -> None:
+    """Select a tab (the app's tabs are stateful: only the open one runs)."""
+    at.session_state["tab"] = name
+    at.run()
+
+
 def _png_bytes(w: int = 8, h: int = 8) -> bytes:
     raw = b"".join(b"\x00" + bytes(range(w)) for _ in range(h))
 
@@ -99,12 +105,17 @@ def test_sample_end_to_end_with_cached_results_and_evaluation():
     assert list(vols["class"]) == SAMPLE_CLASSES
     timing = _frame_with(at, "seconds")
     assert {"inference", "total"} <= set(timing["stage"])
-    # the sample's own reference: DSC/NSD with the FLARE 2023 preset
+    assert not [f for f in _frames(at) if "dsc" in f.columns], "closed tabs do not run"
+
+    # the sample's own reference: DSC/NSD with the FLARE 2023 preset (the Evaluate tab)
+    _open_tab(at, "Evaluate")
+    _no_exception(at)
     metrics = _frame_with(at, "dsc")
     assert {"liver", "spleen", "right kidney", "left kidney", "lesion"} <= set(metrics["class"])
     assert metrics["dsc"].between(0, 1).all()
 
     # moving sliders and switching views never recomputes the segmentation
+    _open_tab(at, "Segmentation")
     t0 = time.perf_counter()
     at.slider(key="viewer_slice_axial").set_value(10).run()
     at.slider(key="opacity").set_value(0.8).run()
@@ -118,7 +129,15 @@ def test_sample_end_to_end_with_cached_results_and_evaluation():
         per_interaction < 5.0
     )  # AppTest reruns the whole script; the browser test measures the real latency
 
+    # the viewer keeps its settings while another tab is open
+    _open_tab(at, "3-D")
+    _no_exception(at)
+    _open_tab(at, "Segmentation")
+    assert at.radio(key="viewer_view").value == "coronal"
+    assert at.radio(key="window").value == "bone"
+
     # switching the evaluation rules re-scores without re-segmenting
+    _open_tab(at, "Evaluate")
     at.radio(key="eval_preset").set_value(at.radio(key="eval_preset").options[1]).run()
     _no_exception(at)
     generic = _frame_with(at, "dsc")
@@ -126,6 +145,8 @@ def test_sample_end_to_end_with_cached_results_and_evaluation():
     assert at.session_state["_n_segment_runs"] == 1
 
     # downloads exist: labels, masks zip, report.json and the metrics CSV
+    _open_tab(at, "Download")
+    _no_exception(at)
     labels = {b.label for b in at.get("download_button")}
     assert {"labels.nii.gz", "masks (zip)", "report.json", "metrics.csv"} <= labels
 
@@ -135,6 +156,7 @@ def test_compare_prompt_templates():
     at.multiselect(key="classes").set_value(["liver", "spleen"])
     at.button(key="run").click().run()
     _no_exception(at)
+    _open_tab(at, "Compare prompts")
     at.selectbox(key="template_b_key").set_value("photo")
     at.button(key="run_b").click().run()
     _no_exception(at)
@@ -143,8 +165,26 @@ def test_compare_prompt_templates():
     table = _frame_with(at, "DSC(A,B)")
     assert list(table["class"]) == ["liver", "spleen"]
     assert table["DSC(A,B)"].between(0, 1).all()
-    assert len(at.image) >= 4  # viewer + A, B and the difference map
+    assert len(at.image) == 3  # A, B and the difference map (only the open tab runs)
     assert any("mean cosine similarity" in c.value for c in at.caption)
+
+
+@pytest.mark.slow
+def test_real_sample_marks_classes_the_reference_does_not_annotate(shared_data):
+    at = _app().run()
+    at.selectbox(key="sample").set_value("ts_abdomen_3mm").run()
+    _no_exception(at)
+    assert not at.error and at.session_state["input"]["id"] == "sample:ts_abdomen_3mm"
+    at.multiselect(key="classes").set_value(["liver", "spleen", "liver tumor"])
+    at.button(key="run").click().run()
+    _no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    _open_tab(at, "Evaluate")
+    at.radio(key="eval_preset").set_value(at.radio(key="eval_preset").options[1]).run()
+    _no_exception(at)
+    metrics = _frame_with(at, "dsc").set_index("class")
+    assert metrics.loc["liver tumor", "status"] == "not annotated"  # TotalSegmentator has no liver tumours
+    assert metrics.loc["liver", "status"] == "ok"
 
 
 @pytest.mark.parametrize("kind", ["png", "flat", "corrupt"])

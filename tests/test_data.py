@@ -59,8 +59,16 @@ def test_phantom_dataset_manifest(phantom_manifest):
 
 def test_manifest_round_trip(phantom_manifest, tmp_path):
     m = load_manifest(phantom_manifest)
-    extra = Case("extra", m["case000"].image, m["case000"].label, "ts", label_map_from_spec("ts", "totalsegmentator_v2"),
-                 annotated=("liver",), pseudo=("liver",), meta={"note": "x"})
+    extra = Case(
+        "extra",
+        m["case000"].image,
+        m["case000"].label,
+        "ts",
+        label_map_from_spec("ts", "totalsegmentator_v2"),
+        annotated=("liver",),
+        pseudo=("liver",),
+        meta={"note": "x"},
+    )
     out = write_manifest([*m.cases, extra], tmp_path / "sub" / "copy.json")
     raw = json.loads(out.read_text())
     assert raw["datasets"]["ts"] == "totalsegmentator_v2"  # registered maps by name
@@ -68,7 +76,12 @@ def test_manifest_round_trip(phantom_manifest, tmp_path):
     m2 = load_manifest(out)
     assert m2.problems == ()
     for a, b in zip([*m.cases, extra], m2.cases):
-        assert (a.name, a.dataset, a.annotated_classes(), a.pseudo) == (b.name, b.dataset, b.annotated_classes(), b.pseudo)
+        assert (a.name, a.dataset, a.annotated_classes(), a.pseudo) == (
+            b.name,
+            b.dataset,
+            b.annotated_classes(),
+            b.pseudo,
+        )
         assert a.image.resolve() == b.image.resolve()
         assert (a.label is None and b.label is None) or a.label.resolve() == b.label.resolve()
     assert m2["extra"].meta == {"note": "x"} and m2["extra"].ground_truth_classes() == ()
@@ -79,7 +92,7 @@ def test_csv_manifest(phantom_manifest, tmp_path):
     inline = json.dumps({"labels": {"6": ["liver"]}}).replace('"', '""')
     (tmp_path / "m.csv").write_text(
         "image,label,dataset,name,label_map\n"
-        f"{root}/images/case000.nii.gz,{root}/labels/case000.nii.gz,liver_only,a,\"{inline}\"\n"
+        f'{root}/images/case000.nii.gz,{root}/labels/case000.nii.gz,liver_only,a,"{inline}"\n'
         f"{root}/images/case003.nii.gz,,unlabeled,b,\n"
         f"{root}/images/case001.nii.gz,{root}/labels/case001.nii.gz,msd_liver,c,\n"
     )
@@ -99,14 +112,36 @@ def test_validation_lists_every_problem(phantom_manifest, tmp_path):
             "partial": {"labels": {"6": ["liver"]}},
         },
         "cases": [
-            {"name": "a", "image": "missing.nii.gz", "label": str(root / "labels/case000.nii.gz"), "dataset": "typo"},
-            {"name": "b", "image": str(root / "images/case000.nii.gz"), "label": "nolabel.nii.gz", "dataset": "partial"},
-            {"name": "c", "image": str(root / "images/case000.nii.gz"), "label": str(root / "labels/case000.nii.gz"),
-             "dataset": "nonexistent_dataset"},
-            {"name": "d", "image": str(root / "images/case000.nii.gz"), "label": str(root / "labels/case000.nii.gz"),
-             "dataset": "partial"},
-            {"name": "e", "image": str(root / "images/case001.nii.gz"), "label": str(root / "labels/case001.nii.gz"),
-             "dataset": "no_parent"},
+            {
+                "name": "a",
+                "image": "missing.nii.gz",
+                "label": str(root / "labels/case000.nii.gz"),
+                "dataset": "typo",
+            },
+            {
+                "name": "b",
+                "image": str(root / "images/case000.nii.gz"),
+                "label": "nolabel.nii.gz",
+                "dataset": "partial",
+            },
+            {
+                "name": "c",
+                "image": str(root / "images/case000.nii.gz"),
+                "label": str(root / "labels/case000.nii.gz"),
+                "dataset": "nonexistent_dataset",
+            },
+            {
+                "name": "d",
+                "image": str(root / "images/case000.nii.gz"),
+                "label": str(root / "labels/case000.nii.gz"),
+                "dataset": "partial",
+            },
+            {
+                "name": "e",
+                "image": str(root / "images/case001.nii.gz"),
+                "label": str(root / "labels/case001.nii.gz"),
+                "dataset": "no_parent",
+            },
         ],
     }
     p = tmp_path / "bad.json"
@@ -137,9 +172,14 @@ def test_malformed_manifests(tmp_path):
 
 
 def test_universal_id_spec_parents():
-    spec = universal_id_label_map_spec(["liver", "liver tumor", "right kidney", "left kidney", "kidney tumor"])
+    spec = universal_id_label_map_spec(
+        ["liver", "liver tumor", "right kidney", "left kidney", "kidney tumor"]
+    )
     assert spec["labels"]["27"] == ["liver tumor", "liver"]
-    assert spec["labels"]["26"] == ["kidney tumor"] and spec["split_lr"]["26"] == ["right kidney", "left kidney"]
+    assert spec["labels"]["26"] == ["kidney tumor"] and spec["split_lr"]["26"] == [
+        "right kidney",
+        "left kidney",
+    ]
     lm = label_map_from_spec("u", spec)
     assert set(lm.annotated) == {"liver", "liver tumor", "right kidney", "left kidney", "kidney tumor"}
 
@@ -164,11 +204,32 @@ def test_prepare_case_matches_source_masks(phantom_manifest):
     assert p2.target[3].any() and p2.image[0][p2.target[3]].mean() > 0.3
 
 
+def test_universal_id_storage_recovers_every_phantom_mask(tmp_path):
+    """All phantom classes in one universal-id label map: transfer gives back the one-vs-all masks exactly."""
+    from universal.phantom import make_phantom
+
+    p = write_phantom_dataset(tmp_path, 1, (48, 48, 40), (3.0, 3.0, 3.0), {"all": None})
+    case = load_manifest(p)["case000"]
+    ph = make_phantom((48, 48, 40), (3.0, 3.0, 3.0), seed=0)
+    names = list(ph.masks)
+    assert set(case.annotated_classes()) == set(names)
+    prepared = prepare_case(case, names, spacing=3.0, crop_foreground=False)
+    for i, n in enumerate(names):
+        np.testing.assert_array_equal(prepared.target[i], ph.masks[n], err_msg=n)
+
+
 def test_patches_deterministic_balanced_and_lr_swap(phantom_manifest):
     m = load_manifest(phantom_manifest)
     prepared = [prepare_case(c, CLASSES, spacing=3.0) for c in m.cases if c.labeled]
-    ds = PatchDataset(prepared, (16, 16, 16), CLASSES, samples_per_case=2, pos_neg_ratio=(1, 0), seed=3,
-                      augment=AugmentConfig(intensity_prob=0.0))
+    ds = PatchDataset(
+        prepared,
+        (16, 16, 16),
+        CLASSES,
+        samples_per_case=2,
+        pos_neg_ratio=(1, 0),
+        seed=3,
+        augment=AugmentConfig(intensity_prob=0.0),
+    )
     a, b = ds[7], ds[7]
     assert all(np.array_equal(a[k], b[k]) for k in ("image", "target", "available"))
     assert a["image"].shape == (1, 16, 16, 16) and a["target"].shape == (6, 16, 16, 16)
@@ -180,8 +241,15 @@ def test_patches_deterministic_balanced_and_lr_swap(phantom_manifest):
     # every case is visited once per epoch
     assert sorted(ds.case_index(2 * i) for i in range(3)) == [0, 1, 2]
 
-    flipped = PatchDataset(prepared, (16, 16, 16), CLASSES, samples_per_case=2, pos_neg_ratio=(1, 0), seed=3,
-                           augment=AugmentConfig(flip_lr=1.0, intensity_prob=0.0))
+    flipped = PatchDataset(
+        prepared,
+        (16, 16, 16),
+        CLASSES,
+        samples_per_case=2,
+        pos_neg_ratio=(1, 0),
+        seed=3,
+        augment=AugmentConfig(flip_lr=1.0, intensity_prob=0.0),
+    )
     perm = paired_channel_permutation(CLASSES)
     assert perm.tolist() == [0, 2, 1, 3, 4, 5]
     for i in range(4):
@@ -204,13 +272,29 @@ def test_small_image_is_padded(phantom_manifest):
 def test_real_partially_labeled_assembly(shared_data, tmp_path):
     data = {
         "cases": [
-            {"name": "ts", "image": str(shared_data / "ts_abdomen_3mm/ct.nii.gz"),
-             "label": str(shared_data / "ts_abdomen_3mm/labels_totalseg.nii.gz"), "dataset": "totalsegmentator_v2"},
-            {"name": "lung1", "image": str(shared_data / "radiomics_lung_tumor/lung1_image.nrrd"),
-             "label": str(shared_data / "radiomics_lung_tumor/lung1_label.nrrd"), "dataset": "radiomics_lung_tumor"},
-            {"name": "liver3", "image": str(shared_data / "dcmqi_liver_3slice"),
-             "label": str(shared_data / "dcmqi_liver_3slice/liver_seg.nrrd"), "dataset": "dcmqi_liver"},
-            {"name": "unlabeled", "image": str(shared_data / "ts_abdomen_3mm_unlabeled/ct.nii.gz"), "label": None},
+            {
+                "name": "ts",
+                "image": str(shared_data / "ts_abdomen_3mm/ct.nii.gz"),
+                "label": str(shared_data / "ts_abdomen_3mm/labels_totalseg.nii.gz"),
+                "dataset": "totalsegmentator_v2",
+            },
+            {
+                "name": "lung1",
+                "image": str(shared_data / "radiomics_lung_tumor/lung1_image.nrrd"),
+                "label": str(shared_data / "radiomics_lung_tumor/lung1_label.nrrd"),
+                "dataset": "radiomics_lung_tumor",
+            },
+            {
+                "name": "liver3",
+                "image": str(shared_data / "dcmqi_liver_3slice"),
+                "label": str(shared_data / "dcmqi_liver_3slice/liver_seg.nrrd"),
+                "dataset": "dcmqi_liver",
+            },
+            {
+                "name": "unlabeled",
+                "image": str(shared_data / "ts_abdomen_3mm_unlabeled/ct.nii.gz"),
+                "label": None,
+            },
         ]
     }
     p = tmp_path / "real.json"

@@ -58,9 +58,13 @@ def test_value_equals_manual_per_pair_computation() -> None:
 def test_components() -> None:
     logits, target = _batch(seed=4)
     available = torch.tensor([[True, False, True, True], [True, True, False, False]])
-    parts = masked_bce_dice(logits, target, available, bce_weight=0.3, dice_weight=1.7, return_components=True)
+    parts = masked_bce_dice(
+        logits, target, available, bce_weight=0.3, dice_weight=1.7, return_components=True
+    )
     assert parts["n_available"] == 5
-    assert parts["loss"].item() == pytest.approx(0.3 * parts["bce"].item() + 1.7 * parts["dice"].item(), rel=1e-5)
+    assert parts["loss"].item() == pytest.approx(
+        0.3 * parts["bce"].item() + 1.7 * parts["dice"].item(), rel=1e-5
+    )
     assert parts["bce"].item() == pytest.approx(_manual(logits, target, available, 1.0, 0.0), rel=1e-5)
     assert parts["dice"].item() == pytest.approx(_manual(logits, target, available, 0.0, 1.0), rel=1e-5)
 

@@ -17,7 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from universal.errors import CheckpointError, ClassNameError, DownloadError, InputError
+from universal.errors import (
+    CheckpointError,
+    ClassNameError,
+    DownloadError,
+    EncoderUnavailableError,
+    InputError,
+)
 from universal.model import (
     PRETRAINED,
     UniversalModel,
@@ -40,7 +46,10 @@ from universal.model.backbones import (
 
 CLASSES = ["liver", "spleen", "kidney tumor", "liver tumor", "aorta"]
 EMBED_DIM = 32
-OFFICIAL = {"unet": "official_universal_unet_state_dict.json", "swinunetr": "official_universal_swinunetr_state_dict.json"}
+OFFICIAL = {
+    "unet": "official_universal_unet_state_dict.json",
+    "swinunetr": "official_universal_swinunetr_state_dict.json",
+}
 
 torch.set_num_threads(2)
 
@@ -60,7 +69,9 @@ class Case:
     def __init__(self, name: str) -> None:
         torch.manual_seed(0)
         self.name = name
-        self.model = create_model(name, classes=CLASSES, encoder="onehot", embeddings=_embeddings(len(CLASSES))).eval()
+        self.model = create_model(
+            name, classes=CLASSES, encoder="onehot", embeddings=_embeddings(len(CLASSES))
+        ).eval()
         self.x = torch.rand(1, 1, *_patch_shape(self.model), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             self.out = self.model(self.x)
@@ -150,7 +161,11 @@ def _loop_heads(features: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     for b in range(params.shape[0]):
         for k in range(params.shape[1]):
             p = params[b, k]
-            w1, w2, w3 = p[0:64].view(8, 8, 1, 1, 1), p[64:128].view(8, 8, 1, 1, 1), p[128:136].view(1, 8, 1, 1, 1)
+            w1, w2, w3 = (
+                p[0:64].view(8, 8, 1, 1, 1),
+                p[64:128].view(8, 8, 1, 1, 1),
+                p[128:136].view(1, 8, 1, 1, 1),
+            )
             b1, b2, b3 = p[136:144], p[144:152], p[152:153]
             h = F.relu(F.conv3d(features[b : b + 1], w1, b1))
             h = F.relu(F.conv3d(h, w2, b2))
@@ -182,7 +197,9 @@ def test_controller_equals_conv_on_image_then_text_concatenation() -> None:
 
 
 def test_whole_model_heads_equal_loop_reference() -> None:
-    model = create_model("segresnet", classes=CLASSES, encoder="onehot", embeddings=_embeddings(len(CLASSES))).eval()
+    model = create_model(
+        "segresnet", classes=CLASSES, encoder="onehot", embeddings=_embeddings(len(CLASSES))
+    ).eval()
     x = torch.rand(2, 1, 16, 16, 16)
     with torch.no_grad():
         bottleneck, decoded = model.backbone(x)
@@ -227,7 +244,9 @@ def test_per_sample_batchnorm_matches_official_batch_of_one() -> None:
 
 
 def test_unet_batched_windows_equal_single_windows() -> None:
-    model = create_model("unet", classes=CLASSES, encoder="onehot", embeddings=_embeddings(len(CLASSES))).eval()
+    model = create_model(
+        "unet", classes=CLASSES, encoder="onehot", embeddings=_embeddings(len(CLASSES))
+    ).eval()
     x = torch.rand(2, 1, 16, 16, 16)
     x[1] = x[1] * 3 + 1  # very different intensity statistics in the second window
     with torch.no_grad():
@@ -249,7 +268,9 @@ def test_merge_subgrids_follows_documented_monai09_order() -> None:
     for i in range(2):
         for j in range(3):
             for k in range(2):
-                expected[:, i, j, k] = torch.cat([x[:, 2 * i + a, 2 * j + b, 2 * k + c] for a, b, c in offsets], -1)
+                expected[:, i, j, k] = torch.cat(
+                    [x[:, 2 * i + a, 2 * j + b, 2 * k + c] for a, b, c in offsets], -1
+                )
     torch.testing.assert_close(_merge_subgrids(x, MERGING_ORDER_V09), expected)
 
     pm = PatchMergingV09(dim=3)
@@ -294,7 +315,6 @@ def test_save_load_round_trip(case: Case, tmp_path) -> None:
     torch.testing.assert_close(loaded.organ_embedding, case.model.organ_embedding, atol=0, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(loaded(case.x), case.out, atol=1e-6, rtol=0)
-
 
 
 def test_load_pretrained_detects_universal_format(tmp_path) -> None:
@@ -367,7 +387,9 @@ def test_official_checkpoint_of_another_class_count_is_refused(shared_reference,
     state["organ_embedding"] = torch.randn(14, 512)
     path = tmp_path / "foreign.pth"
     torch.save({"net": {f"module.{k}": v for k, v in state.items()}}, path)
-    with pytest.raises(CheckpointError, match=r"organ_embedding: checkpoint \(14, 512\) vs model \(32, 512\)"):
+    with pytest.raises(
+        CheckpointError, match=r"organ_embedding: checkpoint \(14, 512\) vs model \(32, 512\)"
+    ):
         load_official(path)
     with pytest.raises(CheckpointError, match="load_official"):
         load_checkpoint(path)  # our loader points to the right function
@@ -385,7 +407,9 @@ def test_official_checkpoint_into_wrong_backbone_lists_keys(shared_reference) ->
 
 
 def test_universal_checkpoint_with_mismatched_weights(tmp_path) -> None:
-    model = create_model("segresnet", classes=["liver", "spleen"], encoder="onehot", embeddings=_embeddings(2))
+    model = create_model(
+        "segresnet", classes=["liver", "spleen"], encoder="onehot", embeddings=_embeddings(2)
+    )
     path = save_checkpoint(model, tmp_path / "m.pt")
     payload = torch.load(path, weights_only=True)
     payload["state_dict"]["organ_embedding"] = torch.zeros(2, 64)  # wrong width
@@ -409,7 +433,9 @@ def test_wrong_embedding_width_or_count() -> None:
 
 
 def test_set_prompts() -> None:
-    model = create_model("segresnet", classes=["liver", "spleen"], encoder="onehot", embeddings=_embeddings(2))
+    model = create_model(
+        "segresnet", classes=["liver", "spleen"], encoder="onehot", embeddings=_embeddings(2)
+    )
     model.set_prompts(template="photo")  # the recorded encoder ("onehot") re-encodes
     assert model.template == "A photo of a {}"
     expected = np.zeros((2, 32), np.float32)
@@ -417,6 +443,11 @@ def test_set_prompts() -> None:
     np.testing.assert_array_equal(model.organ_embedding.numpy(), expected)
     with pytest.raises(InputError, match="384"):
         model.set_prompts(encoder="minilm")  # 384-d embeddings for a 32-d model
+    official = create_model(
+        "segresnet", classes=["liver"], encoder="table:official-clip", embeddings=_embeddings(1, 512)
+    )
+    with pytest.raises(EncoderUnavailableError, match="Pass encoder="):
+        official.set_prompts(template="photo")  # the recorded name cannot be rebuilt
 
 
 class Exploit:
@@ -552,5 +583,8 @@ def test_download_checks_sha256_and_caches(monkeypatch, tmp_path) -> None:
 def test_model_is_deepcopyable_and_movable() -> None:
     model = create_model("segresnet", classes=["liver"], encoder="onehot", embeddings=_embeddings(1))
     clone = copy.deepcopy(model)
-    assert clone.class_names == ["liver"] and clone.organ_embedding.data_ptr() != model.organ_embedding.data_ptr()
+    assert (
+        clone.class_names == ["liver"]
+        and clone.organ_embedding.data_ptr() != model.organ_embedding.data_ptr()
+    )
     assert model.to(torch.float64).organ_embedding.dtype == torch.float64

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from universal import preprocess as pp
-from universal.io import Volume, volume_from_array
+from universal.io import Volume
 from universal.preprocess import PreprocessConfig, foreground_box, preprocess, resample_to_source, window
 
 
@@ -24,7 +24,8 @@ def _volume(shape, spacing, origin=(0.0, 0.0, 0.0), rot_deg: float = 0.0, fill=-
     affine = np.eye(4)
     affine[:3, :3] = _rotation(rot_deg) @ np.diag(spacing)
     affine[:3, 3] = origin
-    return volume_from_array(np.full(shape, fill, np.float32), affine=affine)
+    # built directly (no input checks: these synthetic volumes are deliberately uniform or oblique)
+    return Volume(array=np.full(shape, fill, np.float32), affine=affine)
 
 
 def _world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
@@ -77,7 +78,9 @@ def test_preprocess_geometry_anisotropic():
     # the prepared affine has the effective spacing and maps voxel centres consistently with source_to_prepared
     np.testing.assert_allclose(np.linalg.norm(p.affine[:3, :3], axis=0), p.spacing)
     ijk = np.array([[20.0, 15.0, 3.0], [99.0, 94.0, 20.0], [57.3, 40.2, 11.7]])
-    np.testing.assert_allclose(_world(p.affine, p.source_to_prepared(ijk)), _world(vol.affine, ijk), atol=1e-9)
+    np.testing.assert_allclose(
+        _world(p.affine, p.source_to_prepared(ijk)), _world(vol.affine, ijk), atol=1e-9
+    )
     # both grids cover the same physical box: outer faces of the crop box == outer faces of the prepared grid
     lo_src = _world(vol.affine, np.array([20, 15, 3]) - 0.5)
     lo_prep = _world(p.affine, np.array([-0.5, -0.5, -0.5]))
@@ -108,7 +111,8 @@ def test_preprocess_does_not_mutate_input():
 
 @pytest.mark.parametrize("rot_deg", [0.0, 17.0])
 @pytest.mark.parametrize(
-    "spacing,shape", [((0.7, 0.7, 5.0), (128, 120, 24)), ((2.0, 1.2, 0.8), (50, 80, 110)), ((1.5, 1.5, 1.5), (60, 64, 70))]
+    "spacing,shape",
+    [((0.7, 0.7, 5.0), (128, 120, 24)), ((2.0, 1.2, 0.8), (50, 80, 110)), ((1.5, 1.5, 1.5), (60, 64, 70))],
 )
 def test_cube_centroid_is_preserved_through_preprocess_and_back(spacing, shape, rot_deg):
     vol = _volume(shape, spacing, origin=(-100.0, 30.0, -500.0), rot_deg=rot_deg)

@@ -57,7 +57,9 @@ def _targets(case, classes):
 
 def test_pseudo_labels_never_overwrite_ground_truth(manifest, model, tmp_path):
     # an untrained model with no confidence bar: large, wrong predictions everywhere stress the merge
-    new_path, report = pseudo_label(manifest, model, tmp_path, min_confidence=0.0, patch_size=16, device="cpu")
+    new_path, report = pseudo_label(
+        manifest, model, tmp_path, min_confidence=0.0, patch_size=32, device="cpu"
+    )
     old, new = load_manifest(manifest), load_manifest(new_path)
     assert new.problems == () and validate_manifest(new, read_labels=True) == []
     assert new.names == old.names
@@ -84,7 +86,7 @@ def test_pseudo_labels_never_overwrite_ground_truth(manifest, model, tmp_path):
 
 
 def test_unconfident_predictions_stay_unannotated(manifest, model, tmp_path):
-    new_path, report = pseudo_label(manifest, model, tmp_path, min_confidence=0.999, patch_size=16)
+    new_path, report = pseudo_label(manifest, model, tmp_path, min_confidence=0.999, patch_size=32)
     new = load_manifest(new_path)
     case = new["case002"]  # lung tumour only in its ground truth
     rows = report["cases"][2]["classes"]
@@ -131,8 +133,10 @@ def test_left_right_plausibility_flag():
     right, left = np.zeros((20, 8, 8), bool), np.zeros((20, 8, 8), bool)
     right[2:5, 2:5, 2:5] = True  # right kidney at *smaller* world x: implausible in RAS+
     left[14:17, 2:5, 2:5] = True
-    rows = {"right kidney": {"source": "pseudo", "components": 1, "mean_confidence": 0.95},
-            "left kidney": {"source": "pseudo", "components": 1, "mean_confidence": 0.95}}
+    rows = {
+        "right kidney": {"source": "pseudo", "components": 1, "mean_confidence": 0.95},
+        "left kidney": {"source": "pseudo", "components": 1, "mean_confidence": 0.95},
+    }
     flags = quality_flags({"right kidney": right, "left kidney": left}, affine, rows, PseudoLabelConfig())
     assert any("left/right implausible" in f for f in flags)
     flags = quality_flags({"right kidney": left, "left kidney": right}, affine, rows, PseudoLabelConfig())
@@ -141,12 +145,23 @@ def test_left_right_plausibility_flag():
 
 def test_real_dicom_ground_truth_survives(shared_data, model, tmp_path):
     src = tmp_path / "real.json"
-    src.write_text(json.dumps({"cases": [{
-        "name": "liver3", "image": str(shared_data / "dcmqi_liver_3slice"),
-        "label": str(shared_data / "dcmqi_liver_3slice/liver_seg.nrrd"), "dataset": "dcmqi_liver"}]}))
+    src.write_text(
+        json.dumps(
+            {
+                "cases": [
+                    {
+                        "name": "liver3",
+                        "image": str(shared_data / "dcmqi_liver_3slice"),
+                        "label": str(shared_data / "dcmqi_liver_3slice/liver_seg.nrrd"),
+                        "dataset": "dcmqi_liver",
+                    }
+                ]
+            }
+        )
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 3 slices: io warns about the thin volume
-        new_path, report = pseudo_label(src, model, tmp_path / "out", min_confidence=0.0, patch_size=16)
+        new_path, report = pseudo_label(src, model, tmp_path / "out", min_confidence=0.0, patch_size=32)
         old, new = load_manifest(src)["liver3"], load_manifest(new_path)["liver3"]
         a, b = _targets(old, ["liver"]), _targets(new, ["liver"])
     assert a.sum() > 10_000

@@ -40,17 +40,32 @@ def tiny_config(manifest: Path, out_dir: Path, **train_overrides) -> dict:
         "model": {"classes": CLASSES, "encoder": "onehot", "kwargs": dict(TINY_BACKBONE)},
         "data": {"train": str(manifest), "spacing_mm": 3.0, "patch_size": 16, "samples_per_case": 2},
         "optim": {"lr": 3e-3, "warmup_steps": 1},
-        "train": {"steps": 4, "batch_size": 2, "out_dir": str(out_dir), "ckpt_every": 0, "progress": False,
-                  "resume": "auto", **train_overrides},
+        "train": {
+            "steps": 4,
+            "batch_size": 2,
+            "out_dir": str(out_dir),
+            "ckpt_every": 0,
+            "progress": False,
+            "resume": "auto",
+            **train_overrides,
+        },
     }
 
 
 # ---------------------------------------------------------------------------------------------------- config
 def test_config_errors_are_listed():
     with pytest.raises(InputError) as err:
-        resolve_config({"model": {"backbon": "x"}, "optim": {"name": "sgd"}, "train": {"steps": 0}, "extra": {}})
+        resolve_config(
+            {"model": {"backbon": "x"}, "optim": {"name": "sgd"}, "train": {"steps": 0}, "extra": {}}
+        )
     text = str(err.value)
-    for needle in ("model.backbon", "data.train is required", "optim.name", "train.steps", "unknown section 'extra'"):
+    for needle in (
+        "model.backbon",
+        "data.train is required",
+        "optim.name",
+        "train.steps",
+        "unknown section 'extra'",
+    ):
         assert needle in text
     cfg = resolve_config({"data": {"train": "x.json", "patch_size": 32, "spacing_mm": 2}})
     assert cfg["data"]["patch_size"] == [32, 32, 32] and cfg["data"]["spacing_mm"] == [2.0, 2.0, 2.0]
@@ -97,14 +112,18 @@ def test_unavailable_classes_get_no_gradient(manifest):
     avail[:, k] = False  # class k is available in no case
 
     torch.manual_seed(0)
-    model = create_model("segresnet", classes=CLASSES, encoder="onehot", embed_dim=len(CLASSES), **TINY_BACKBONE)
+    model = create_model(
+        "segresnet", classes=CLASSES, encoder="onehot", embed_dim=len(CLASSES), **TINY_BACKBONE
+    )
 
     def grads(tgt):
         model.zero_grad(set_to_none=True)
         logits = model(x)
         logits.retain_grad()
         masked_bce_dice(logits, tgt, avail).backward()
-        return logits.grad.clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.grad.clone(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
 
     g_logits, g_params = grads(target)
     assert torch.count_nonzero(g_logits[:, k]) == 0  # exactly zero, not merely small
@@ -124,13 +143,14 @@ def test_unavailable_classes_get_no_gradient(manifest):
 
 # ------------------------------------------------------------------------------------------------ short runs
 def test_short_run_lowers_the_loss(manifest, tmp_path):
+    from universal.data import write_manifest
     from universal.loss import masked_bce_dice
     from universal.model import load_checkpoint
 
-    cfg = tiny_config(manifest, tmp_path / "run", steps=14, val_every=7)
-    cfg["data"]["val"] = str(manifest)
+    cfg = tiny_config(manifest, tmp_path / "run", steps=12, val_every=6)
+    cfg["data"]["val"] = str(write_manifest(load_manifest(manifest).cases[:1], tmp_path / "val.json"))
     result = train(cfg)
-    assert result.step == 14 and result.checkpoint == tmp_path / "run" / "model.pt"
+    assert result.step == 12 and result.checkpoint == tmp_path / "run" / "model.pt"
 
     # loss on fixed patches: the initial weights (same seed) vs the trained ones
     m = load_manifest(manifest)
@@ -151,15 +171,19 @@ def test_short_run_lowers_the_loss(manifest, tmp_path):
 
     # the checkpoint carries everything segment needs
     assert trained.class_names == CLASSES and trained.encoder_name.startswith("onehot")
-    assert trained.preprocessing["spacing"] == [3.0, 3.0, 3.0] and trained.preprocessing["window"] == [-175.0, 250.0]
+    assert trained.preprocessing["spacing"] == [3.0, 3.0, 3.0] and trained.preprocessing["window"] == [
+        -175.0,
+        250.0,
+    ]
     assert trained.checkpoint_extra["training"]["patch_size"] == [16, 16, 16]
+    assert trained.preprocessing["patch_size"] == [16, 16, 16]
     # logs: one row per step, validation DSC per class
     rows = list(csv.DictReader(open(tmp_path / "run" / "train_log.csv")))
-    assert [int(r["step"]) for r in rows] == list(range(1, 15))
+    assert [int(r["step"]) for r in rows] == list(range(1, 13))
     val = list(csv.DictReader(open(tmp_path / "run" / "val_log.csv")))
-    assert [int(r["step"]) for r in val] == [7, 14] and set(CLASSES) <= set(val[0])
+    assert [int(r["step"]) for r in val] == [6, 12] and set(CLASSES) <= set(val[0])
     assert len(result.validation) == 2 and set(result.validation[-1]["dsc"]) == set(CLASSES)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 14
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 12
 
 
 def test_resume_equals_uninterrupted(manifest, tmp_path):
@@ -183,7 +207,7 @@ def test_resume_equals_uninterrupted(manifest, tmp_path):
 
 
 def test_adamw_and_novograd_and_synthesis_hook(manifest, tmp_path):
-    cfg = tiny_config(manifest, tmp_path / "n", steps=1)
+    cfg = tiny_config(manifest, tmp_path / "n", steps=1, num_workers=1)  # also the DataLoader worker path
     cfg["optim"]["name"] = "novograd"
     cfg["synthesis"] = {"hook": "tests.test_train:_brighten", "prob": 1.0, "kwargs": {"amount": 0.0}}
     result = train(cfg)
@@ -210,7 +234,8 @@ def test_ddp_two_cpu_ranks_hold_identical_weights(manifest, tmp_path):
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(cfg))
     script = tmp_path / "ddp_run.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import json, os, torch
         from universal.train import train
         cfg = json.load(open({str(cfg_path)!r}))
@@ -218,11 +243,23 @@ def test_ddp_two_cpu_ranks_hold_identical_weights(manifest, tmp_path):
         rank = int(os.environ["RANK"])
         torch.save(result.model.state_dict(), os.path.join({str(tmp_path)!r}, f"rank{{rank}}.pt"))
         json.dump([h["loss"] for h in result.history], open(os.path.join({str(tmp_path)!r}, f"loss{{rank}}.json"), "w"))
-    """))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(script)]
+    """)
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(script),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -235,5 +272,7 @@ def test_ddp_two_cpu_ranks_hold_identical_weights(manifest, tmp_path):
 
     init = _build_model(resolve_config(cfg)).state_dict()
     assert any(not torch.equal(init[k], s0[k]) for k in s0 if s0[k].is_floating_point())
-    assert len(json.load(open(tmp_path / "loss0.json"))) == 2 and json.load(open(tmp_path / "loss1.json")) == []
+    assert (
+        len(json.load(open(tmp_path / "loss0.json"))) == 2 and json.load(open(tmp_path / "loss1.json")) == []
+    )
     assert (tmp_path / "ddp" / "model.pt").is_file()

@@ -374,7 +374,11 @@ def load_model(
 
 
 def demo_model(encoder: str = "minilm", seed: int = 0):
-    """A small randomly initialised Universal Model for all 32 classes (for trying the interface only)."""
+    """A small randomly initialised Universal Model for all 32 classes (for trying the interface only).
+
+    The default encoder ``"minilm"`` falls back to ``"onehot"`` when it cannot load; an encoder asked for
+    explicitly (e.g. ``"clip"`` without its weights) raises its own error instead.
+    """
     import torch
 
     from universal.errors import EncoderUnavailableError
@@ -386,6 +390,8 @@ def demo_model(encoder: str = "minilm", seed: int = 0):
         try:
             model = create_model("segresnet", classes=None, encoder=encoder)
         except (EncoderUnavailableError, ImportError, OSError):
+            if encoder != "minilm":
+                raise
             model = create_model("segresnet", classes=None, encoder="onehot")
     finally:
         torch.random.set_rng_state(state)

@@ -589,7 +589,7 @@ def validate_manifest(
         if case.label_map is None:
             continue  # already reported (unknown dataset / no dataset)
         extra = set(case.annotated_classes()) - set(case.label_map.annotated)
-        if case.annotated is not None and extra and not case.pseudo:
+        if extra:
             problems.append(
                 f"case {case.name!r}: 'annotated' names {sorted(extra)} which dataset {case.dataset!r} does not map"
             )

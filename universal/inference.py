@@ -47,13 +47,27 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Segmentation", "segment", "sliding_window_predict", "window_starts", "clear_model_cache"]
+__all__ = [
+    "Segmentation",
+    "clear_model_cache",
+    "gaussian_weights",
+    "segment",
+    "sliding_window_predict",
+    "window_starts",
+]
 
 ProgressFn = Callable[[str, float], None]
 
 # overall progress fraction at the start of each stage (a single bar for the CLI and the app)
-_STAGE_START = {"load": 0.0, "model": 0.02, "preprocess": 0.05, "inference": 0.1, "postprocess": 0.85,
-                "resample": 0.9, "done": 1.0}
+_STAGE_START = {
+    "load": 0.0,
+    "model": 0.02,
+    "preprocess": 0.05,
+    "inference": 0.1,
+    "postprocess": 0.85,
+    "resample": 0.9,
+    "done": 1.0,
+}
 
 
 # --------------------------------------------------------------------------------------------------- result
@@ -93,19 +107,14 @@ class Segmentation:
         return taxonomy.masks_to_label_map(self.masks, list(self.masks))
 
     def report(self) -> dict[str, Any]:
-        """A JSON-ready summary: per-class volume and mean HU, timings and model information."""
+        """A JSON-ready summary: per-class volume (mL) and mean HU (``None`` when empty), timings, model info."""
         return {
             "case": getattr(self.volume, "name", "volume"),
-            "classes": {
-                name: {
-                    "volume_ml": _json_float(self.volumes_ml.get(name)),
-                    "mean_hu": _json_float(self.mean_hu.get(name)),
-                    "present": bool(self.masks[name].any()),
-                }
-                for name in self.masks
-            },
-            "timings_s": {k: round(float(v), 4) for k, v in self.timings.items()},
             **{k: _jsonable(v) for k, v in self.info.items()},
+            "classes": list(self.masks),
+            "volumes_ml": {n: _json_float(self.volumes_ml.get(n)) for n in self.masks},
+            "mean_hu": {n: _json_float(self.mean_hu.get(n)) for n in self.masks},
+            "timings_s": {k: round(float(v), 4) for k, v in self.timings.items()},
         }
 
     def save(self, outdir: str | os.PathLike) -> dict[str, Path]:
@@ -165,7 +174,8 @@ def segment(
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``; ``None`` = CUDA when available.
         fast: Work at 3 mm instead of 1.5 mm (≈ 8× fewer voxels; coarser masks).
         overlap: Fraction of overlap between neighbouring 96³ windows (the paper's code uses 0.5).
-        sw_batch_size: Windows per forward pass (default 4 on CUDA, 2 on CPU).
+        sw_batch_size: Windows per forward pass (default 4 on CUDA; 1 on CPU, where batching gains no speed and
+            doubles the memory of a forward pass).
         patch_size: Window size in voxels (default: the model's ``config()["patch_size"]`` if any, else 96).
         return_probabilities: Also return float16 probabilities on the input grid.
         postprocess: ``True`` (default rules), ``False``/``None`` (raw thresholded masks) or a
@@ -216,15 +226,15 @@ def segment(
     report("preprocess", 0.0)
     t = time.perf_counter()
     if preprocess_config is None:
-        preprocess_config = pp.PreprocessConfig(spacing_mm=3.0 if fast else 1.5)
+        preprocess_config = _preprocess_config(net, fast)
     prepared = pp.preprocess(volume, preprocess_config)
     timings["preprocess"] = time.perf_counter() - t
 
     # inference
     t = time.perf_counter()
     psize = _patch_size(patch_size, net)
-    bs = sw_batch_size or (4 if dev.type == "cuda" else 2)
-    with _eval_mode(net):
+    bs = sw_batch_size or (4 if dev.type == "cuda" else 1)
+    with _eval_mode(net), _head_chunking(net, bs, psize, dev):
         masks_p, probs_p = sliding_window_predict(
             prepared.array,
             net,
@@ -248,9 +258,12 @@ def segment(
     del masks_p
     pp_config = _postprocess_config(postprocess)
     if pp_config is not None:
-        from universal.postprocess import postprocess as run_postprocess
+        from universal import postprocess as post
 
-        masks_prep = dict(run_postprocess(masks_prep, prepared.affine, pp_config))
+        body_x = None
+        if _has_paired(names):  # sides are decided against the body's midline, measured on the source CT
+            body_x = post.body_midline_x_mm(volume.array, volume.affine)
+        masks_prep = dict(post.postprocess(masks_prep, prepared.affine, pp_config, body_x_mm=body_x))
     timings["postprocess"] = time.perf_counter() - t
 
     # resample back onto the input grid, class by class (each prepared mask is dropped once mapped back)
@@ -268,7 +281,9 @@ def segment(
     voxel_ml = abs(float(np.linalg.det(np.asarray(volume.affine)[:3, :3]))) / 1000.0
     volumes_ml = {n: float(np.count_nonzero(m)) * voxel_ml for n, m in masks.items()}
     hu = np.asarray(volume.array)
-    mean_hu = {n: (float(hu[m].mean(dtype=np.float64)) if m.any() else float("nan")) for n, m in masks.items()}
+    mean_hu = {
+        n: (float(hu[m].mean(dtype=np.float64)) if m.any() else float("nan")) for n, m in masks.items()
+    }
     timings["total"] = time.perf_counter() - t_start
     report("done", 1.0)
 
@@ -303,6 +318,23 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
         if s + patch >= size:
             break
     return starts
+
+
+def gaussian_weights(patch_size: Sequence[int], sigma_scale: float = 0.125):
+    """The Gaussian window weights of MONAI's ``compute_importance_map(mode="gaussian")`` (float32 tensor).
+
+    Separable Gaussian centred on the window, sigma = ``sigma_scale`` × size per axis, peak 1, clamped below at
+    max(min, 1e-3). Computed here so that inference does not import MONAI.
+    """
+    import torch
+
+    w = None
+    for i, p in enumerate(patch_size):
+        x = torch.arange(start=-(p - 1) / 2.0, end=(p - 1) / 2.0 + 1, dtype=torch.float)
+        x = torch.exp(x**2 / (-2 * (p * sigma_scale) ** 2))
+        w = x if i == 0 else w.unsqueeze(-1) * x[(None,) * i]
+    floor = max(float(w.min()), 1e-3)
+    return torch.clamp(w, min=floor)
 
 
 def sliding_window_predict(
@@ -343,8 +375,6 @@ def sliding_window_predict(
     """
     import torch
 
-    from monai.data.utils import compute_importance_map
-
     if classes is None:
         classes = list(model.class_names)
     classes = list(classes)
@@ -367,12 +397,14 @@ def sliding_window_predict(
     img = img.to(device)
 
     starts = [window_starts(full[a], patch[a], overlap) for a in range(3)]
-    windows = sorted(((x, y, z) for x in starts[0] for y in starts[1] for z in starts[2]), key=lambda w: (w[2], w[0], w[1]))
+    windows = sorted(
+        ((x, y, z) for x in starts[0] for y in starts[1] for z in starts[2]), key=lambda w: (w[2], w[0], w[1])
+    )
     batches = [windows[i : i + sw_batch_size] for i in range(0, len(windows), sw_batch_size)]
     # rolling buffer depth: before batch b the buffer starts at the first z of batch b (everything before is final)
     depth = max(max(w[2] for w in b) + patch[2] - b[0][2] for b in batches)
 
-    weight = compute_importance_map(patch, mode="gaussian", sigma_scale=0.125, device=device, dtype=torch.float32)
+    weight = gaussian_weights(patch).to(device)
     acc = torch.zeros((k, full[0], full[1], depth), dtype=torch.float32, device=device)
     wsum = torch.zeros((full[0], full[1], depth), dtype=torch.float32, device=device)
 
@@ -415,7 +447,9 @@ def sliding_window_predict(
                     acc.zero_()
                     wsum.zero_()
                 buf0 = z_first
-            x = torch.stack([img[wx : wx + patch[0], wy : wy + patch[1], wz : wz + patch[2]] for wx, wy, wz in batch])
+            x = torch.stack(
+                [img[wx : wx + patch[0], wy : wy + patch[1], wz : wz + patch[2]] for wx, wy, wz in batch]
+            )
             x = x.unsqueeze(1)
             if use_autocast:
                 with torch.autocast(device_type="cuda", dtype=torch.float16):
@@ -423,10 +457,16 @@ def sliding_window_predict(
             else:
                 logits = model(x, classes=classes)
             if logits.shape[1] != k or tuple(logits.shape[2:]) != patch:
-                raise RuntimeError(f"the model returned {tuple(logits.shape)} for {k} classes and windows {patch}")
+                raise RuntimeError(
+                    f"the model returned {tuple(logits.shape)} for {k} classes and windows {patch}"
+                )
             logits = logits.float()
             for (wx, wy, wz), lg in zip(batch, logits):
-                sl = (slice(wx, wx + patch[0]), slice(wy, wy + patch[1]), slice(wz - buf0, wz - buf0 + patch[2]))
+                sl = (
+                    slice(wx, wx + patch[0]),
+                    slice(wy, wy + patch[1]),
+                    slice(wz - buf0, wz - buf0 + patch[2]),
+                )
                 acc[(slice(None), *sl)].addcmul_(lg, weight)
                 wsum[sl].add_(weight)
             del logits, x
@@ -543,6 +583,30 @@ def _eval_mode(net):
         net.train(was_training)
 
 
+#: memory budget (MiB) of the dynamic heads' intermediates per forward pass (CPU; 8× on CUDA)
+HEAD_MEMORY_MB = 512
+
+
+@contextmanager
+def _head_chunking(net, batch: int, patch: Sequence[int], device):
+    """Bound the memory of the dynamic heads by evaluating them in chunks of classes (restored afterwards).
+
+    The heads' largest intermediates are two ``(B, k, 8, N)`` float tensors: 1.8 GB for 32 classes and one 96³
+    window. The backbone still runs once per window; only the (cheap) heads are chunked. A model whose
+    ``head_chunk_size`` is already set is left as it is.
+    """
+    if not hasattr(net, "head_chunk_size") or net.head_chunk_size is not None:
+        yield
+        return
+    budget = HEAD_MEMORY_MB * (8 if device.type == "cuda" else 1) * 2**20
+    per_class = 2 * batch * 8 * math.prod(patch) * 4
+    net.head_chunk_size = max(1, int(budget // per_class))
+    try:
+        yield
+    finally:
+        net.head_chunk_size = None
+
+
 def _resolve_requested(classes, net) -> list[str]:
     from universal.errors import ClassNameError
     from universal.taxonomy import resolve_class
@@ -581,6 +645,23 @@ def _patch_size(patch_size, net) -> tuple[int, int, int]:
     return p  # type: ignore[return-value]
 
 
+def _preprocess_config(net, fast: bool):
+    """The model's recorded preprocessing (spacing, HU window); ``fast`` → 3 mm."""
+    from universal.preprocess import PreprocessConfig
+
+    spec = getattr(net, "preprocessing", None) or {}
+    spacing = spec.get("spacing", 1.5)
+    spacing = tuple(float(v) for v in spacing) if isinstance(spacing, (list, tuple)) else float(spacing)
+    window = tuple(float(v) for v in spec.get("window", (-175.0, 250.0)))
+    return PreprocessConfig(spacing_mm=3.0 if fast else spacing, hu_window=window)  # type: ignore[arg-type]
+
+
+def _has_paired(names) -> bool:
+    from universal.taxonomy import resolve_class
+
+    return any(resolve_class(n).paired is not None for n in names)
+
+
 def _postprocess_config(postprocess):
     if postprocess is None or postprocess is False:
         return None
@@ -590,7 +671,9 @@ def _postprocess_config(postprocess):
         return PostprocessConfig()
     if isinstance(postprocess, PostprocessConfig):
         return postprocess
-    raise TypeError(f"postprocess must be True, False or a PostprocessConfig, got {type(postprocess).__name__}")
+    raise TypeError(
+        f"postprocess must be True, False or a PostprocessConfig, got {type(postprocess).__name__}"
+    )
 
 
 def _progress_reporter(progress: ProgressFn | None) -> Callable[[str, float], None]:
@@ -607,8 +690,9 @@ def _progress_reporter(progress: ProgressFn | None) -> Callable[[str, float], No
     return report
 
 
-def _info(net, model_label, dev, prepared, names, psize, overlap, bs, fast, threshold, pp_config) -> dict[str, Any]:
-    import monai
+def _info(
+    net, model_label, dev, prepared, names, psize, overlap, bs, fast, threshold, pp_config
+) -> dict[str, Any]:
     import torch
 
     import universal
@@ -637,10 +721,20 @@ def _info(net, model_label, dev, prepared, names, psize, overlap, bs, fast, thre
         "versions": {
             "universal": universal.__version__,
             "torch": torch.__version__,
-            "monai": monai.__version__,
+            "monai": _package_version("monai"),
             "numpy": np.__version__,
         },
     }
+
+
+def _package_version(name: str) -> str | None:
+    """Installed version of a distribution without importing it (MONAI is slow to import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def _json_float(v) -> float | None:

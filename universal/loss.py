@@ -54,7 +54,9 @@ def masked_bce_dice(
     if logits.dim() < 2:
         raise InputError(f"logits must be (B, K, ...), got shape {tuple(logits.shape)}.")
     if tuple(target.shape) != tuple(logits.shape):
-        raise InputError(f"target shape {tuple(target.shape)} differs from logits shape {tuple(logits.shape)}.")
+        raise InputError(
+            f"target shape {tuple(target.shape)} differs from logits shape {tuple(logits.shape)}."
+        )
     available = torch.as_tensor(available, device=logits.device)
     if tuple(available.shape) != tuple(logits.shape[:2]):
         raise InputError(

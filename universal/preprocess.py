@@ -244,7 +244,9 @@ def resample_to_source(
     return out
 
 
-def _resample_channel(arr: np.ndarray, prepared: Prepared, order: int, threshold: float, out: np.ndarray) -> None:
+def _resample_channel(
+    arr: np.ndarray, prepared: Prepared, order: int, threshold: float, out: np.ndarray
+) -> None:
     """Resample one (X', Y', Z') channel into ``out`` (source grid, pre-zeroed), over its non-zero bounding box."""
     import torch
 

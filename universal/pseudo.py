@@ -345,8 +345,10 @@ def pseudo_label(
             spacing_mm=tuple(float(s) for s in np.broadcast_to(prep["spacing"], (3,))),
             hu_window=tuple(float(w) for w in prep.get("window", (-175.0, 250.0))),
         )
-    if patch_size is None:
-        patch_size = (getattr(net, "checkpoint_extra", None) or {}).get("training", {}).get("patch_size")
+    if patch_size is None:  # the training window (recorded by universal.train), else segment's default
+        patch_size = prep.get("patch_size") or (getattr(net, "checkpoint_extra", None) or {}).get(
+            "training", {}
+        ).get("patch_size")
     out = Path(out_dir)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     spec = universal_id_label_map_spec(names)
@@ -396,6 +398,12 @@ def pseudo_label(
             if n in gt_masks:
                 row["source"] = "ground truth"
                 row["agreement_dsc"] = _dsc(pred, gt_masks[n])
+                g = gt_masks[n]  # for ground truth: the model's mean probability inside the ground-truth mask
+                row["mean_confidence"] = (
+                    float(np.asarray(p[g], dtype=np.float32).mean())
+                    if (p is not None and g.any())
+                    else float("nan")
+                )
             elif not pred.any():
                 row["source"] = "pseudo" if cfg.empty_as_negative else "dropped"
                 if cfg.empty_as_negative:

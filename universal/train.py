@@ -469,7 +469,13 @@ def _build_model(cfg: dict[str, Any]):
     from universal.model import create_model
 
     m, d = cfg["model"], cfg["data"]
-    preprocessing = {"orientation": "RAS", "spacing": list(d["spacing_mm"]), "window": list(d["window_hu"])}
+    preprocessing = {
+        "orientation": "RAS",
+        "spacing": list(d["spacing_mm"]),
+        "window": list(d["window_hu"]),
+        # the sliding-window size the model was trained with (its global feature pools over one window)
+        "patch_size": [int(p) for p in d["patch_size"]],
+    }
     model = create_model(
         m["backbone"],
         classes=m["classes"],
@@ -706,12 +712,19 @@ def _ensure_phantom(d: dict[str, Any], dist_ctx: _Dist) -> None:
     allowed = {"n_cases", "shape", "spacing", "label_sets", "seed", "unlabeled", "val_cases"}
     unknown = set(spec) - allowed
     if unknown:
-        raise InputError(f"data.phantom: unknown keys {sorted(unknown)} (valid: {', '.join(sorted(allowed))})")
+        raise InputError(
+            f"data.phantom: unknown keys {sorted(unknown)} (valid: {', '.join(sorted(allowed))})"
+        )
     val_cases = int(spec.pop("val_cases", 0))
     target = Path(d["train"] if isinstance(d["train"], (str, os.PathLike)) else d["train"][0])
     if dist_ctx.main and not target.is_file():
         write_phantom_dataset(target.parent, manifest_name=target.name, **spec)
-    if dist_ctx.main and val_cases and isinstance(d["val"], (str, os.PathLike)) and not Path(d["val"]).is_file():
+    if (
+        dist_ctx.main
+        and val_cases
+        and isinstance(d["val"], (str, os.PathLike))
+        and not Path(d["val"]).is_file()
+    ):
         val = Path(d["val"])
         # held-out cases: other seeds, every class the phantom draws annotated
         write_phantom_dataset(
@@ -745,15 +758,19 @@ class _StepSampler:
 
 
 class _LazyCases:
-    """Uncached cases: prepare on each access (``data.cache: false``)."""
+    """Uncached cases (``data.cache: false``): prepared on access; only the last one is kept, so the
+    ``samples_per_case`` consecutive samples of one case visit read it once."""
 
     def __init__(self, cases, kwargs) -> None:
         self.cases, self.kwargs = list(cases), kwargs
+        self._last: tuple[int, Any] | None = None
 
     def __call__(self, i: int):
         from universal.data import prepare_case
 
-        return prepare_case(self.cases[i], **self.kwargs)
+        if self._last is None or self._last[0] != i:
+            self._last = (i, prepare_case(self.cases[i], **self.kwargs))
+        return self._last[1]
 
 
 def _load_cases(paths: Any, classes: list[str], validate_labels: bool, main: bool, what: str):

@@ -496,6 +496,7 @@ def metrics_bar_chart(result: Any, height: int = 380):
     df = metrics_frame(result)
     df = df[df["class"].astype(str).str.lower() != "mean"] if "class" in df.columns else df
     fig = go.Figure()
+    labelled = len(df) <= 10  # value labels on the bars only while they stay readable
     for col, color in (("dsc", "#1f77b4"), ("nsd", "#ff7f0e")):
         if col in df.columns:
             vals = np.asarray(df[col], dtype=np.float64)
@@ -506,7 +507,8 @@ def metrics_bar_chart(result: Any, height: int = 380):
                     name=col.upper(),
                     marker_color=color,
                     text=[f"{v:.2f}" if np.isfinite(v) else "n/a" for v in vals],
-                    textposition="outside",
+                    textposition="outside" if labelled else "none",
+                    hovertemplate="%{x}: %{text}<extra>" + col.upper() + "</extra>",
                 )
             )
     fig.update_layout(

@@ -19,7 +19,12 @@ from universal.model.checkpoints import (
     load_pretrained,
     save_checkpoint,
 )
-from universal.model.universal_model import UniversalModel, create_model, dynamic_heads, split_controller_params
+from universal.model.universal_model import (
+    UniversalModel,
+    create_model,
+    dynamic_heads,
+    split_controller_params,
+)
 
 __all__ = [
     "PRETRAINED",

@@ -66,7 +66,9 @@ class BackboneSpec:
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 
-def register_backbone(name: str, description: str = "") -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_backbone(
+    name: str, description: str = ""
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator that registers a backbone factory (a class or a function returning an ``nn.Module``).
 
     The module it builds must return ``(bottleneck, decoder)`` from ``forward`` and carry the attributes
@@ -106,7 +108,9 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     if spec is None:
         from universal.errors import InputError
 
-        raise InputError(f"Unknown backbone {name!r}; choose one of {list_models()} (see universal.model.list_models()).")
+        raise InputError(
+            f"Unknown backbone {name!r}; choose one of {list_models()} (see universal.model.list_models())."
+        )
     return spec
 
 
@@ -118,7 +122,9 @@ def build_backbone(name: str, **kwargs: Any) -> nn.Module:
     except TypeError as exc:  # an unknown keyword argument
         from universal.errors import InputError
 
-        raise InputError(f"Backbone {spec.name!r} does not accept these arguments {sorted(kwargs)}: {exc}") from exc
+        raise InputError(
+            f"Backbone {spec.name!r} does not accept these arguments {sorted(kwargs)}: {exc}"
+        ) from exc
     for attr in ("bottleneck_channels", "decoder_channels", "size_divisor"):
         if not hasattr(module, attr):
             raise TypeError(f"backbone {spec.name!r} must define the attribute {attr!r}")
@@ -130,7 +136,7 @@ def build_backbone(name: str, **kwargs: Any) -> nn.Module:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _segresnet_class() -> type[nn.Module]:
     from monai.networks.nets import SegResNet
 
@@ -176,7 +182,9 @@ def _segresnet_class() -> type[nn.Module]:
     return _SegResNetBackbone
 
 
-@register_backbone("segresnet", "MONAI SegResNet (16 filters, blocks 1-2-2-4 / 1-1-1): FLARE 2023 default, ~4.7 M")
+@register_backbone(
+    "segresnet", "MONAI SegResNet (16 filters, blocks 1-2-2-4 / 1-1-1): FLARE 2023 default, ~4.7 M"
+)
 def SegResNetBackbone(**kwargs: Any) -> nn.Module:  # noqa: N802 - behaves like a class
     """MONAI ``SegResNet`` (subclass) returning (bottleneck 128 ch at 1/8, decoder 16 ch at full resolution).
 
@@ -316,7 +324,7 @@ def _merge_subgrids(x: torch.Tensor, order: Sequence[tuple[int, int, int]]) -> t
     return torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in order], dim=-1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _patch_merging_class() -> type[nn.Module]:
     from monai.networks.nets.swin_unetr import PatchMergingV2
 
@@ -369,7 +377,7 @@ def _ensure_swin_rearrange() -> None:
     swin_module.rearrange = _permute_rearrange
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _swinunetr_class() -> type[nn.Module]:
     from monai.networks.nets import SwinUNETR
 
@@ -388,7 +396,8 @@ def _swinunetr_class() -> type[nn.Module]:
             dropout_path_rate: float = 0.0,
         ) -> None:
             if merging == "v0.9":
-                downsample: Any = PatchMergingV09  # called by MONAI as downsample(dim=, norm_layer=, spatial_dims=)
+                # MONAI calls it as downsample(dim=, norm_layer=, spatial_dims=)
+                downsample: Any = PatchMergingV09
             elif merging == "corrected":
                 downsample = "merging"  # MONAI >= 1.0 order, all eight sub-grids once
             else:
@@ -435,7 +444,9 @@ def _swinunetr_class() -> type[nn.Module]:
     return _SwinUNETRBackbone
 
 
-@register_backbone("swinunetr", "MONAI SwinUNETR (feature_size 48, MONAI 0.9 patch merging) of the official release, ~62 M")
+@register_backbone(
+    "swinunetr", "MONAI SwinUNETR (feature_size 48, MONAI 0.9 patch merging) of the official release, ~62 M"
+)
 def SwinUNETRBackbone(**kwargs: Any) -> nn.Module:  # noqa: N802 - behaves like a class
     """MONAI ``SwinUNETR`` (subclass) returning (768 ch at 1/32, 48 ch at full resolution); inputs multiple of 32.
 

@@ -108,7 +108,8 @@ def _read(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
     if not path.is_file():
         raise CheckpointError(f"No checkpoint file at {str(path)!r}; check the path.")
     try:
-        with warnings.catch_warnings():  # e.g. torch's "Detected pickle protocol 4" note: the outcome is what matters
+        # silence torch's notes (e.g. "Detected pickle protocol 4"): the outcome is what matters
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -122,7 +123,8 @@ def _read(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
             f"{path.name} is not a PyTorch checkpoint file (unreadable as one); pass a .pt/.pth file saved with "
             "torch.save."
         ) from None
-    except Exception as exc:  # RuntimeError (bad zip archive), EOFError (empty), KeyError/IndexError (garbage)...
+    except Exception as exc:
+        # RuntimeError (bad zip archive), EOFError (empty), KeyError/IndexError (garbage)...
         detail = ""
         if isinstance(exc, RuntimeError) and str(exc).strip():
             detail = f" ({str(exc).strip().splitlines()[0]})"
@@ -214,7 +216,9 @@ def _load_state_strict(model: UniversalModel, state: Mapping[str, Any], source: 
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(model: UniversalModel, path: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    model: UniversalModel, path: str | os.PathLike[str], extra: Mapping[str, Any] | None = None
+) -> Path:
     """Save ``model`` (weights + config) atomically to ``path``; ``extra`` holds plain values (epoch, metrics...).
 
     The file is a dict of tensors, str, int, float, lists and dicts only, so that ``torch.load(path,
@@ -228,6 +232,10 @@ def save_checkpoint(model: UniversalModel, path: str | os.PathLike[str], extra: 
     ...     load_checkpoint(p).class_names
     ['liver']
     """
+    while not isinstance(model, UniversalModel) and isinstance(
+        getattr(model, "module", None) or getattr(model, "_orig_mod", None), torch.nn.Module
+    ):  # DistributedDataParallel (.module) or torch.compile (._orig_mod) wrappers
+        model = getattr(model, "module", None) or model._orig_mod
     if not isinstance(model, UniversalModel):
         raise CheckpointError(f"save_checkpoint needs a UniversalModel, got {type(model).__name__}.")
     extra = dict(extra or {})
@@ -261,7 +269,9 @@ def _model_from_universal(obj: Mapping[str, Any], source: str) -> UniversalModel
         )
     config, state = obj.get("config"), obj.get("state_dict")
     if not isinstance(config, Mapping) or not isinstance(state, Mapping):
-        raise CheckpointError(f"{source} lacks its 'config' or 'state_dict' (a corrupt universal checkpoint).")
+        raise CheckpointError(
+            f"{source} lacks its 'config' or 'state_dict' (a corrupt universal checkpoint)."
+        )
     required = ("backbone", "class_names", "encoder_name", "template", "embed_dim")
     absent = [k for k in required if k not in config]
     if absent:
@@ -368,12 +378,16 @@ def load_official(
     """
     if isinstance(path_or_state_dict, Mapping):
         return _official_from_object(path_or_state_dict, "the given state dict", backbone)
-    return _official_from_object(_read(path_or_state_dict, map_location), Path(path_or_state_dict).name, backbone)
+    return _official_from_object(
+        _read(path_or_state_dict, map_location), Path(path_or_state_dict).name, backbone
+    )
 
 
 def _official_from_object(obj: Any, source: str, backbone: str | None = None) -> UniversalModel:
     if _is_universal(obj):
-        raise CheckpointError(f"{source} is a universal checkpoint; load it with universal.model.load_checkpoint.")
+        raise CheckpointError(
+            f"{source} is a universal checkpoint; load it with universal.model.load_checkpoint."
+        )
     state = _official_state(obj)
     if not state:
         raise CheckpointError(
@@ -432,7 +446,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_weights(name: str, directory: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
+def download_weights(
+    name: str, directory: str | os.PathLike[str] | None = None, progress: bool = True
+) -> Path:
     """Download the weights ``name`` of :data:`PRETRAINED` once into the cache (or ``directory``); return the path.
 
     The download goes to a temporary file in the same folder, is checked against the pinned sha256 (if any) and
@@ -462,7 +478,9 @@ def download_weights(name: str, directory: str | os.PathLike[str] | None = None,
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DownloadError(f"Cannot create the weights cache {folder} ({exc}); set UNIVERSAL_CACHE_DIR.") from None
+        raise DownloadError(
+            f"Cannot create the weights cache {folder} ({exc}); set UNIVERSAL_CACHE_DIR."
+        ) from None
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=folder)
     tmp = Path(tmp_name)
     digest = hashlib.sha256()

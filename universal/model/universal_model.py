@@ -92,7 +92,9 @@ def split_controller_params(
     )
 
 
-def dynamic_heads(features: torch.Tensor, params: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+def dynamic_heads(
+    features: torch.Tensor, params: torch.Tensor, chunk_size: int | None = None
+) -> torch.Tensor:
     """Evaluate the per-class dynamic heads of all classes and batch items at once.
 
     Args:
@@ -140,7 +142,9 @@ def _plain(value: Any) -> Any:
         return value.item()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise TypeError(f"backbone arguments must be numbers, strings, lists or dicts; got {type(value).__name__}")
+    raise TypeError(
+        f"backbone arguments must be numbers, strings, lists or dicts; got {type(value).__name__}"
+    )
 
 
 class UniversalModel(nn.Module):
@@ -174,7 +178,11 @@ class UniversalModel(nn.Module):
         preprocessing: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)) if not torch.is_tensor(embeddings) else embeddings
+        emb = (
+            torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+            if not torch.is_tensor(embeddings)
+            else embeddings
+        )
         emb = emb.detach().to(torch.float32).clone()
         if emb.dim() != 2 or emb.shape[0] != len(class_names) or emb.shape[1] < 1:
             from universal.errors import InputError
@@ -267,8 +275,18 @@ class UniversalModel(nn.Module):
 
         template = self.template if template is None else prompts.resolve_template(template)
         if encoder is None:
-            encoder = self.encoder_name
-        enc = encoder if hasattr(encoder, "encode_classes") else prompts.get_encoder(encoder)
+            from universal.errors import EncoderUnavailableError
+
+            try:
+                enc = prompts.get_encoder(self.encoder_name)
+            except EncoderUnavailableError as exc:
+                raise EncoderUnavailableError(
+                    f"The prompts of this model were made by {self.encoder_name!r}, which cannot be rebuilt from "
+                    f"its name here ({exc}). Pass encoder= explicitly: an encoder of width {self.embed_dim} "
+                    "(e.g. 'clip' or 'table:/path/to/embeddings.npy' for CLIP ViT-B/32)."
+                ) from None
+        else:
+            enc = prompts.get_encoder(encoder)
         if int(enc.dim) != self.embed_dim:
             from universal.errors import InputError
 
@@ -291,7 +309,9 @@ class UniversalModel(nn.Module):
         return self
 
     # ---------------------------------------------------------------------------------------------- forward
-    def controller_params(self, global_feature: torch.Tensor, positions: Sequence[int] | None = None) -> torch.Tensor:
+    def controller_params(
+        self, global_feature: torch.Tensor, positions: Sequence[int] | None = None
+    ) -> torch.Tensor:
         """Head parameters ``(B, k, 153)`` from the global feature ``(B, 256)`` and the classes at ``positions``.
 
         Equal to the 1×1×1 controller conv applied to ``concat[global feature, relu(text_to_vision(embedding))]``
@@ -372,7 +392,9 @@ def create_model(
     get_backbone_spec(backbone)  # unknown backbone → clear error before any encoding
     infos = taxonomy.resolve_classes(classes)
     if not infos:
-        raise InputError("No classes given: name at least one universal class (or pass classes=None for all 32).")
+        raise InputError(
+            "No classes given: name at least one universal class (or pass classes=None for all 32)."
+        )
     names = [info.name for info in infos]
 
     if template is None or "{}" not in template:
@@ -381,7 +403,9 @@ def create_model(
         template = prompts.DEFAULT_TEMPLATE if template is None else prompts.resolve_template(template)
 
     if embeddings is not None:
-        emb = np.asarray(embeddings.detach().cpu() if torch.is_tensor(embeddings) else embeddings, dtype=np.float32)
+        emb = np.asarray(
+            embeddings.detach().cpu() if torch.is_tensor(embeddings) else embeddings, dtype=np.float32
+        )
         if emb.ndim != 2 or emb.shape[0] != len(names):
             raise InputError(
                 f"Embeddings must have shape (K={len(names)}, D) for the {len(names)} classes, got {emb.shape}."

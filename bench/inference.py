@@ -1,0 +1,260 @@
+"""Benchmark of ``universal.segment`` against a reference-style implementation of the official algorithm.
+
+Prints a markdown table: end-to-end time (load + preprocess + sliding window + post-processing + mapping back;
+model creation excluded) and peak memory (CPU RSS of a fresh subprocess per variant, and its increase over the
+RSS just before the call; GPU max allocated when CUDA is used) for
+
+- ``reference``: the official algorithm's choices (``bench/reference_inference.py``): overlap 0.5, one window per
+  forward pass, MONAI's float32 full-resolution accumulator for all classes, a Python loop over classes in the heads,
+  per-class full-volume resampling back;
+- ``segment@0.5``: ``universal.segment`` with the reference's overlap (same windows: checks equivalence);
+- ``segment``: the defaults (overlap 0.25);
+- ``segment fast``: ``fast=True`` (3 mm).
+
+and the minimum per-class DSC of each ``segment`` variant against the reference (``segment@0.5`` must be
+≥ 0.999: same algorithm, different implementation). Cases: the real CT ``../shared/data/ts_cta_1p5mm_unlabeled``
+(233×167×191 at 1.5 mm) and the synthetic phantom (128×128×96 at 1.5 mm).
+
+Weights: ``universal/resources/builtin.pt`` when it exists (loaded with ``load_pretrained("builtin")``), else a
+randomly initialised segresnet with one-hot prompts, fixed seed, heads calibrated so that every class gives a
+non-trivial mask (``reference_inference.calibrated_random_model``); the table header says which.
+
+Usage::
+
+    python bench/inference.py                       # all cases and variants
+    python bench/inference.py --cases phantom --variants segment "segment fast"
+    python bench/inference.py --device cuda
+
+Timings are for information (never asserted in tests); they depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {
+    "reference": {},
+    "segment@0.5": {"overlap": 0.5},
+    "segment": {},
+    "segment fast": {"fast": True},
+}
+CASES = {
+    "ts_cta": "ts_cta_1p5mm_unlabeled/ct.nii.gz",
+    "phantom": None,
+}
+PHANTOM_SHAPE = (128, 128, 96)
+
+
+# ------------------------------------------------------------------------------------------------ worker
+def _rss_mb() -> float:
+    """Current resident set size (MiB)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+def _weights_label() -> str:
+    builtin = ROOT / "universal" / "resources" / "builtin.pt"
+    if builtin.exists():
+        return "checkpoint universal/resources/builtin.pt"
+    return "random segresnet (seed 0, one-hot prompts, calibrated heads; no trained weights)"
+
+
+def _make_model():
+    builtin = ROOT / "universal" / "resources" / "builtin.pt"
+    if builtin.exists():
+        from universal.model import load_pretrained
+
+        return load_pretrained("builtin").eval()
+    from reference_inference import calibrated_random_model
+
+    return calibrated_random_model(None, seed=0)
+
+
+def _input(case: str):
+    """A path (real CT, loaded inside the timed call) or an in-memory Volume (phantom)."""
+    if CASES[case] is None:
+        from universal.phantom import make_phantom
+
+        return make_phantom(PHANTOM_SHAPE, spacing=(1.5, 1.5, 1.5), seed=0).volume
+    return str(SHARED / CASES[case])
+
+
+def worker(case: str, variant: str, device: str | None, out: Path) -> None:
+    """Run one variant once in this (fresh) process; write masks (bit-packed) and measurements."""
+    import torch
+
+    from universal.io import load_volume
+
+    model = _make_model()
+    checksum = float(sum(float(p.double().sum()) for p in model.state_dict().values()))
+    src = _input(case)
+    if device is not None:
+        model = model.to(device)
+    cuda = device is not None and str(device).startswith("cuda")
+    # warm-up of lazy imports (MONAI, scipy.ndimage) outside the timed region, on a tiny input
+    import monai.inferers  # noqa: F401
+    import scipy.ndimage  # noqa: F401
+
+    import universal.postprocess  # noqa: F401
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = _rss_mb()
+    t0 = time.perf_counter()
+    if variant == "reference":
+        from reference_inference import reference_segment
+
+        volume = load_volume(src) if isinstance(src, str) else src
+        with torch.inference_mode():
+            masks = reference_segment(volume, model, overlap=0.5)
+        timings = {}
+    else:
+        from universal.inference import segment
+
+        res = segment(src, model=model, device=device, **VARIANTS[variant])
+        masks, timings = res.masks, res.timings
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    peak = _peak_rss_mb()
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    names = list(masks)
+    np.savez_compressed(out / "masks.npz", **{n.replace(" ", "_"): np.packbits(m) for n, m in masks.items()})
+    (out / "result.json").write_text(
+        json.dumps(
+            {
+                "wall_s": wall,
+                "peak_rss_mb": peak,
+                "rss_before_mb": rss_before,
+                "gpu_peak_mb": gpu,
+                "timings": timings,
+                "classes": names,
+                "shape": list(next(iter(masks.values())).shape),
+                "checksum": checksum,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def _run_variant(case: str, variant: str, device: str | None, out: Path, timeout: float) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, variant, str(out)]
+    if device:
+        cmd += ["--device", device]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{case}/{variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads((out / "result.json").read_text())
+
+
+def _load_masks(out: Path, classes: list[str], shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    n = int(np.prod(shape))
+    with np.load(out / "masks.npz") as z:
+        return {c: np.unpackbits(z[c.replace(" ", "_")])[:n].reshape(shape).astype(bool) for c in classes}
+
+
+def _min_dsc(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple[float, str]:
+    from reference_inference import dsc
+
+    scores = {c: dsc(a[c], b[c]) for c in a}
+    worst = min(scores, key=scores.get)
+    return scores[worst], worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--device", default=None, help="cpu, cuda (default: auto)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per variant")
+    p.add_argument("--worker", nargs=3, metavar=("CASE", "VARIANT", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        case, variant, out = args.worker
+        worker(case, variant, args.device, Path(out))
+        return 0
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if "ts_cta" in args.cases and not (SHARED / CASES["ts_cta"]).exists():
+        print(f"skipping ts_cta: {SHARED / CASES['ts_cta']} is absent", file=sys.stderr)
+        args.cases = [c for c in args.cases if c != "ts_cta"]
+    cpu = os.cpu_count()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"### `segment` vs reference-style inference — weights: {_weights_label()}; device {device}"
+        f" ({torch.get_num_threads()} torch threads, {cpu} CPUs, load average {load:.1f} at start); all 32 classes\n"
+    )
+    header = (
+        "| case | variant | overlap | spacing | end-to-end s | speed-up vs reference | peak RSS MiB | "
+        "RSS increase MiB | GPU peak MiB | inference s | min DSC vs reference (class) |"
+    )
+    print(header)
+    print("|" + "|".join(["---"] * (header.count("|") - 1)) + "|")
+    with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
+        for case in args.cases:
+            results: dict[str, dict] = {}
+            for variant in args.variants:
+                out = Path(tmp) / case / variant.replace(" ", "_").replace("@", "_")
+                try:
+                    results[variant] = r = _run_variant(case, variant, device, out, args.timeout)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    print(f"| {case} | {variant} | failed: {str(exc).splitlines()[0][:120]} |||||||||")
+                    continue
+                r["out"] = out
+                ref = results.get("reference")
+                speed = f"{ref['wall_s'] / r['wall_s']:.1f}×" if ref and variant != "reference" else "—"
+                dsc_txt = "—"
+                if ref and variant != "reference":
+                    a = _load_masks(out, r["classes"], tuple(r["shape"]))
+                    b = _load_masks(ref["out"], ref["classes"], tuple(ref["shape"]))
+                    worst, name = _min_dsc(a, b)
+                    dsc_txt = f"{worst:.4f} ({name})"
+                    if abs(r["checksum"] - ref["checksum"]) > 1e-6 * max(1.0, abs(ref["checksum"])):
+                        dsc_txt += " (weights differ!)"
+                overlap = VARIANTS[variant].get("overlap", 0.5 if variant == "reference" else 0.25)
+                spacing = "3 mm" if VARIANTS[variant].get("fast") else "1.5 mm"
+                gpu = f"{r['gpu_peak_mb']:.0f}" if r.get("gpu_peak_mb") is not None else "—"
+                inf = r["timings"].get("inference")
+                print(
+                    f"| {case} | {variant} | {overlap} | {spacing} | {r['wall_s']:.1f} | {speed} | "
+                    f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['rss_before_mb']:.0f} | {gpu} | "
+                    f"{'—' if inf is None else f'{inf:.1f}'} | {dsc_txt} |",
+                    flush=True,
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

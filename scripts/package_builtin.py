@@ -1,0 +1,42 @@
+"""Package a trained universal checkpoint as the built-in weights: float16 floating-point tensors, atomic write.
+
+    python scripts/package_builtin.py runs/builtin/run/model.pt universal/resources/builtin.pt
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def package(src: str, dst: str) -> str:
+    obj = torch.load(src, map_location="cpu", weights_only=True)
+    obj["state_dict"] = {
+        k: (v.to(torch.float16) if torch.is_tensor(v) and v.is_floating_point() else v)
+        for k, v in obj["state_dict"].items()
+    }
+    extra = dict(obj.get("extra") or {})
+    extra["packaged_dtype"] = "float16"
+    obj["extra"] = extra
+    out = Path(dst)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    print(f"{out}: {out.stat().st_size / 1e6:.2f} MB, sha256 {digest}")
+    return digest
+
+
+if __name__ == "__main__":
+    package(sys.argv[1], sys.argv[2])

@@ -1,0 +1,143 @@
+"""The `universal` command line, end to end on small files (random-weight checkpoints; no training)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from universal.cli import main
+from universal.io import save_label_map, save_volume
+from universal.model import create_model, save_checkpoint
+from universal.phantom import make_phantom
+
+CLASSES = ["liver", "spleen", "right kidney", "left kidney", "liver tumor"]
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(shape=(64, 64, 48), spacing=(3.0, 3.0, 3.0), seed=3)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, phantom):
+    d = tmp_path_factory.mktemp("cli")
+    ct = save_volume(phantom.volume, d / "case1.nii.gz")
+    gt = save_label_map(phantom.label_map, phantom.volume, d / "case1_gt.nii.gz")
+    torch.manual_seed(0)
+    model = create_model("segresnet", classes=CLASSES, encoder="onehot")
+    weights = save_checkpoint(model, d / "random.pt")
+    return {"dir": d, "ct": Path(ct), "gt": Path(gt), "weights": Path(weights)}
+
+
+def test_segment_writes_masks_labels_and_report(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["segment", str(files["ct"]), "-o", str(out), "--weights", str(files["weights"]),
+               "--classes", "liver", "Liver Tumor", "--fast"])
+    assert rc == 0
+    case = out / "case1"
+    assert sorted(p.name for p in (case / "masks").iterdir()) == ["liver.nii.gz", "liver_tumor.nii.gz"]
+    src = nib.load(files["ct"])
+    mask = nib.load(case / "masks" / "liver.nii.gz")
+    assert mask.shape == src.shape and np.allclose(mask.affine, src.affine)
+    assert mask.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    report = json.loads((case / "report.json").read_text())
+    assert set(report["volumes_ml"]) == {"liver", "liver tumor"}
+    assert "total" in report["timings"]
+    assert (case / "labels.nii.gz").exists()
+    assert "case1" in capsys.readouterr().out
+
+
+def test_batch_failure_does_not_stop_other_cases(files, tmp_path, capsys):
+    bad = tmp_path / "not_a_ct.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    out = tmp_path / "out"
+    rc = main(["segment", str(bad), str(files["ct"]), "-o", str(out), "--weights", str(files["weights"]),
+               "--classes", "spleen", "--fast"])
+    assert rc == 1  # some cases failed
+    assert (out / "case1" / "masks" / "spleen.nii.gz").exists()
+    err = capsys.readouterr().err
+    assert "1 of 2 case(s) failed" in err and "not_a_ct.png" in err
+    assert "Traceback" not in err
+
+
+def test_unknown_class_is_one_clear_line(files, tmp_path, capsys):
+    rc = main(["segment", str(files["ct"]), "-o", str(tmp_path), "--weights", str(files["weights"]),
+               "--classes", "livr"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "liver" in err  # the closest valid name is suggested
+    assert "Traceback" not in err
+
+
+def test_corrupt_weights_file(files, tmp_path, capsys):
+    bad = tmp_path / "weights.pt"
+    bad.write_bytes(b"definitely not a checkpoint")
+    rc = main(["segment", str(files["ct"]), "-o", str(tmp_path), "--weights", str(bad)])
+    assert rc == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_evaluate_universal_label_maps_and_json(files, phantom, tmp_path, capsys):
+    js = tmp_path / "m.json"
+    rc = main(["evaluate", str(files["gt"]), str(files["gt"]), "--json", str(js)])
+    assert rc == 0
+    data = json.loads(js.read_text())
+    assert "liver" in data["classes"] and "liver tumor" in data["classes"]
+    assert data["classes"]["liver"]["dsc"] == pytest.approx(1.0)
+    assert data["mean"]["dsc"] == pytest.approx(1.0)
+    assert "liver" in capsys.readouterr().out
+
+
+def test_evaluate_segment_output_against_gt_flare23(files, tmp_path):
+    out = tmp_path / "out"
+    assert main(["segment", str(files["ct"]), "-o", str(out), "--weights", str(files["weights"]), "--fast"]) == 0
+    js = tmp_path / "f.json"
+    rc = main(["evaluate", str(out / "case1"), str(files["gt"]), "--json", str(js)])
+    assert rc == 0
+    data = json.loads(js.read_text())
+    # only classes the prediction or the GT has appear; the random model is not expected to be good
+    assert set(CLASSES) <= set(data["classes"])
+    for v in data["classes"].values():
+        assert v["dsc"] is None or 0.0 <= v["dsc"] <= 1.0
+
+
+def test_evaluate_missing_path(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nope.nii.gz"), str(tmp_path / "gt.nii.gz")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_classes_and_models_listing(capsys):
+    assert main(["classes"]) == 0
+    out = capsys.readouterr().out
+    assert "inferior vena cava" in out and "32" in out
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "segresnet" in out and "CC BY-NC-ND" in out
+
+
+def test_embed_onehot_to_file(tmp_path):
+    f = tmp_path / "e.npy"
+    assert main(["embed", "--encoder", "onehot", "--classes", "liver", "spleen", "-o", str(f)]) == 0
+    e = np.load(f)
+    assert e.shape == (2, 32) and e[0, 5] == 1 and e[1, 0] == 1
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "segment" in capsys.readouterr().out
+
+
+def test_console_entry_point_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "universal.cli", "segment", str(tmp_path / "missing.nii.gz"),
+                        "-o", str(tmp_path), "--weights", str(tmp_path / "missing.pt")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error:") and "Traceback" not in r.stderr
