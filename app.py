@@ -40,8 +40,6 @@ st.set_page_config(page_title="universal · CT segmentation", page_icon=":materi
 def _warm_up() -> dict[str, Any]:
     """Once per server: a background thread imports torch while the first page loads the sample, then (once
     that page is drawn) imports MONAI and loads the default model, so the first "Segment" does not wait."""
-    import threading
-
     holder: dict[str, Any] = {"key": None, "model": None, "page_drawn": threading.Event()}
 
     def work() -> None:
@@ -420,6 +418,9 @@ if run and ready:
     except UniversalError as exc:
         slot.empty()
         _show_error(exc)
+    except (RuntimeError, MemoryError, OSError) as exc:  # e.g. out of memory on a large scan
+        slot.empty()
+        st.error(f"The segmentation failed: {type(exc).__name__}: {exc}", icon=":material/error:")
 
 result: dict[str, Any] | None = ss.get("result")
 seg = result["seg"] if result else None
@@ -589,13 +590,22 @@ with tab_seg:
 # -------------------------------------------------------------------------------------------- 3-D
 @st.fragment
 def mesh_view() -> None:
-    nonempty = [n for n, m in seg.masks.items() if m.any()]
+    source = "segmentation"
+    if inp.get("gt_masks"):
+        source = st.radio("Surfaces of", ["segmentation", "reference"], horizontal=True, key="mesh_source",
+                          persist_state="page")  # fmt: skip
+    masks = seg.masks if source == "segmentation" else inp["gt_masks"]
+    nonempty = [n for n, m in masks.items() if m.any()]
     if not nonempty:
         st.info("All masks are empty: nothing to draw.")
         return
     c1, c2, c3 = st.columns([4, 1, 1])
     names = c1.multiselect(
-        "Classes in 3-D", nonempty, default=nonempty, key="mesh_classes", persist_state="page"
+        "Classes in 3-D",
+        nonempty,
+        default=nonempty,
+        key=f"mesh_classes_{result['id']}_{source}",
+        persist_state="page",
     )
     cap = c2.select_slider(
         "Max triangles",
@@ -608,13 +618,14 @@ def mesh_view() -> None:
     if not names:
         st.info("Choose at least one class.")
         return
-    key = (result["id"], tuple(names), cap, opacity)
+    key = (result["id"], source, tuple(names), cap)
     cached = ss.get("mesh")
     if cached is None or cached["key"] != key:
         with st.spinner("Building surfaces…"):
             t0 = time.perf_counter()
-            fig = viz.mesh_figure(seg.masks, volume.affine, names, max_triangles=cap, opacity=opacity)
+            fig = viz.mesh_figure(masks, volume.affine, names, max_triangles=cap)
             ss["mesh"] = cached = {"key": key, "fig": fig, "seconds": time.perf_counter() - t0}
+    cached["fig"].update_traces(opacity=opacity)  # no new surfaces for a new opacity
     with st.container(key="mesh_chart"):
         st.plotly_chart(cached["fig"], config={"displaylogo": False})
     st.caption(
@@ -866,6 +877,9 @@ with tab_cmp:
                 except UniversalError as exc:
                     slot.empty()
                     _show_error(exc)
+                except (RuntimeError, MemoryError, OSError) as exc:
+                    slot.empty()
+                    st.error(f"Run B failed: {type(exc).__name__}: {exc}", icon=":material/error:")
             cmp = ss.get("compare")
             if cmp is not None and cmp["result_id"] == result["id"]:
                 seg_b = cmp["seg"]

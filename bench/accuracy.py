@@ -76,7 +76,13 @@ def _evaluate(
         "dsc": float(np.mean([r["dsc"] for r in present])) if present else math.nan,
         "nsd": float(np.mean([r["nsd"] for r in present])) if present else math.nan,
     }
-    return {"case": name, "note": note, "rows": rows, "mean_present": mean, "seconds": seg.timings.get("total")}
+    return {
+        "case": name,
+        "note": note,
+        "rows": rows,
+        "mean_present": mean,
+        "seconds": seg.timings.get("total"),
+    }
 
 
 def _table(res: dict[str, Any]) -> str:
@@ -132,7 +138,12 @@ def run(weights: str = "builtin", skip_phantom: bool = False) -> list[dict[str, 
         seg = universal.segment(vol, classes, model=model, fast=True)
         results.append(
             _evaluate(
-                "dcmqi_liver_3slice", seg, {"liver": lab > 0}, ["liver"], vol.spacing, "HELD OUT, 3 slices, liver only"
+                "dcmqi_liver_3slice",
+                seg,
+                {"liver": lab > 0},
+                ["liver"],
+                vol.spacing,
+                "HELD OUT, 3 slices, liver only",
             )
         )
     if not skip_phantom:
@@ -141,7 +152,9 @@ def run(weights: str = "builtin", skip_phantom: bool = False) -> list[dict[str, 
         ph = make_phantom()
         seg = universal.segment(ph.volume, classes, model=model, fast=True)
         gt = {c: np.asarray(ph.masks[c], bool) for c in classes if c in ph.masks}
-        results.append(_evaluate("phantom", seg, gt, list(gt), ph.volume.spacing, "synthetic, make_phantom() defaults"))
+        results.append(
+            _evaluate("phantom", seg, gt, list(gt), ph.volume.spacing, "synthetic, make_phantom() defaults")
+        )
     abd = DATA / "ts_abdomen_3mm"
     if abd.is_dir():
         results.append(
@@ -158,7 +171,9 @@ def run(weights: str = "builtin", skip_phantom: bool = False) -> list[dict[str, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", default="builtin", help="pretrained name or checkpoint path (default builtin)")
+    ap.add_argument(
+        "--weights", default="builtin", help="pretrained name or checkpoint path (default builtin)"
+    )
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--skip-phantom", action="store_true")
     args = ap.parse_args()

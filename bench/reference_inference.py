@@ -111,25 +111,35 @@ def reference_segment(
     classes: Sequence[str] | None = None,
     *,
     overlap: float = 0.5,
-    patch_size: int = 96,
-    spacing_mm: float = 1.5,
+    patch_size: int | Sequence[int] | None = None,
+    spacing_mm: float | Sequence[float] | None = None,
     postprocess: bool = True,
     threshold: float = 0.5,
 ) -> dict[str, np.ndarray]:
     """Masks on the source grid, computed the reference way (see the module docstring).
 
     All of the model's classes are computed and accumulated; ``classes`` only selects what is returned.
+    ``patch_size`` and ``spacing_mm`` default to the model's recorded preprocessing (else 96³ and 1.5 mm).
     """
     from monai.inferers import sliding_window_inference
 
     from universal.preprocess import PreprocessConfig, preprocess
 
     model = model.eval()
-    prepared = preprocess(volume, PreprocessConfig(spacing_mm=spacing_mm))
+    prep = dict(getattr(model, "preprocessing", None) or {})
+    if spacing_mm is None:
+        spacing_mm = prep.get("spacing", 1.5)
+    if not np.isscalar(spacing_mm):
+        spacing_mm = tuple(float(v) for v in spacing_mm)  # type: ignore[union-attr]
+    if patch_size is None:
+        patch_size = prep.get("patch_size", 96)
+    patch = (int(patch_size),) * 3 if np.isscalar(patch_size) else tuple(int(v) for v in patch_size)  # type: ignore[union-attr]
+    window = tuple(float(v) for v in prep.get("window", (-175.0, 250.0)))
+    prepared = preprocess(volume, PreprocessConfig(spacing_mm=spacing_mm, hu_window=window))  # type: ignore[arg-type]
     x = torch.from_numpy(prepared.array)[None, None]
     with torch.no_grad():
         logits = sliding_window_inference(
-            x, (patch_size,) * 3, 1, _LoopHeadsPredictor(model), overlap=overlap, mode="gaussian"
+            x, patch, 1, _LoopHeadsPredictor(model), overlap=overlap, mode="gaussian"
         )
         probs = torch.sigmoid(logits)[0]  # (K, X', Y', Z') float32, all classes
     names = list(model.class_names)

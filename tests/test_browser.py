@@ -193,6 +193,10 @@ def test_sample_in_a_real_browser(server, browser):
         expect(page.locator(".st-key-mesh_chart")).to_be_visible(timeout=60_000)
         page.wait_for_timeout(1500)  # WebGL draw
         page.screenshot(path=str(ARTIFACTS / "browser_3d.png"))
+        page.locator(".st-key-mesh_source").get_by_text("reference").click()
+        expect(page.locator(".st-key-mesh_chart")).to_be_visible(timeout=60_000)
+        page.wait_for_timeout(2500)
+        page.screenshot(path=str(ARTIFACTS / "browser_3d_reference.png"))
 
         # a download: the label map is a gzip file made on click
         page.get_by_role("tab", name="Download").click()

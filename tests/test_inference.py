@@ -281,10 +281,23 @@ def test_save_writes_files_on_the_source_grid(tmp_path, phantom, model):
     assert report["classes"] == ["liver", "liver tumor", "spleen"]
     assert report["volumes_ml"]["liver"] == pytest.approx(seg.volumes_ml["liver"], abs=1e-3)
     assert set(report["mean_hu"]) == set(report["classes"])
-    assert {"inference", "total"} <= set(report["timings_s"])
+    assert {"inference", "total"} <= set(report["timings"])
     assert report["encoder"] == "onehot" and report["backbone"] == "segresnet" and "template" in report
     assert "torch" in report["versions"]
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary files left
+
+
+def test_real_ct_file_round_trip(tmp_path, shared_data, model):
+    path = shared_data / "ts_abdomen_3mm" / "ct.nii.gz"
+    seg = segment(path, ["liver", "spleen"], model=model, **{**QUICK, "patch_size": 32})  # 6 windows
+    original = nib.load(path)
+    assert seg.volume.shape == load_volume(path).shape  # the file's RAS+ grid
+    assert all(m.shape == seg.volume.shape for m in seg.masks.values())
+    seg.save(tmp_path)
+    img = nib.load(tmp_path / "masks" / "liver.nii.gz")
+    assert img.shape == original.shape
+    np.testing.assert_allclose(img.affine, original.affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), seg.volume.to_source_order(seg.masks["liver"]))
 
 
 def test_unknown_or_unsupported_class_raises(phantom, model):

@@ -290,9 +290,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if app.exists():
             import subprocess
 
-            cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true"]
-            print("starting the dashboard: " + " ".join(cmd))
-            return subprocess.call(cmd)
+            import os
+
+            headless = sys.platform.startswith("linux") and not os.environ.get("DISPLAY")
+            cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", str(headless).lower()]
+            print("starting the dashboard (Ctrl+C stops it): " + " ".join(cmd))
+            try:
+                return subprocess.call(cmd, cwd=app.parent)  # cwd: .streamlit/config.toml applies
+            except KeyboardInterrupt:
+                return EXIT_OK
     return _demo_cli(Path(args.out), fast=not args.standard)
 
 

@@ -251,6 +251,10 @@ def _resample_channel(
     import torch
 
     m = prepared.shape
+    n = [b1 - b0 for b0, b1 in prepared.box]
+    if tuple(n) == tuple(m):  # same grid inside the crop box (source already at the target spacing): paste
+        out[tuple(slice(b0, b1) for b0, b1 in prepared.box)] = arr
+        return
     sub = _nonzero_box(arr)
     if sub is None:
         return

@@ -32,6 +32,7 @@ availability mask is returned unchanged: synthesis never invents a class it was 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+
 import numpy as np
 
 __all__ = ["HU_RANGES", "DEFAULT_HU_RANGE", "synthesize"]
@@ -76,7 +77,12 @@ def _is_tumor(name: str) -> bool:
 
 
 def _deform(
-    image: np.ndarray, packed: np.ndarray, rng: np.random.Generator, sigma_vox: float, scale: float, rot_deg: float
+    image: np.ndarray,
+    packed: np.ndarray,
+    rng: np.random.Generator,
+    sigma_vox: float,
+    scale: float,
+    rot_deg: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Elastically deform ``image`` (X,Y,Z float) and ``packed`` (X,Y,Z int bit field) with one random field."""
     from scipy import ndimage
@@ -84,7 +90,10 @@ def _deform(
     shape = np.asarray(image.shape)
     grid = 5
     coarse = rng.normal(0.0, sigma_vox, size=(3, grid, grid, grid))
-    disp = [ndimage.zoom(c, shape / grid, order=3, mode="nearest")[: shape[0], : shape[1], : shape[2]] for c in coarse]
+    disp = [
+        ndimage.zoom(c, shape / grid, order=3, mode="nearest")[: shape[0], : shape[1], : shape[2]]
+        for c in coarse
+    ]
     # random small rotation (about a random axis) and isotropic scaling about the centre
     ang = np.deg2rad(rng.uniform(-rot_deg, rot_deg, size=3))
     cx, cy, cz = np.cos(ang)
@@ -199,4 +208,3 @@ def _register() -> None:
 
 
 _register()
-
