@@ -288,9 +288,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not args.cli:
         app = Path(__file__).resolve().parents[1] / "app.py"
         if app.exists():
-            import subprocess
-
             import os
+            import subprocess
 
             headless = sys.platform.startswith("linux") and not os.environ.get("DISPLAY")
             cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", str(headless).lower()]
