@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 DEMO_OUT ?= outputs/demo
 
-.PHONY: demo test install lint format clean
+.PHONY: demo test install lint format clean train-builtin bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,16 @@ test: install
 	bash scripts/ensure_chromium.sh
 	$(BIN)/ruff check universal tests bench app.py
 	$(BIN)/python -m pytest -q
+
+# Not part of CI: retrain the built-in weights (about an hour on a 2-core CPU; DEVICE=cuda on a GPU)
+train-builtin: install
+	DEVICE=$${DEVICE:-cpu} bash scripts/train_builtin.sh
+
+bench: install
+	$(BIN)/python bench/heads.py
+	$(BIN)/python bench/metrics.py
+	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/accuracy.py
 
 lint: install
 	$(BIN)/ruff check universal tests bench

@@ -375,12 +375,12 @@ def _progress_callback(box: Any):
     return callback
 
 
-def _segment(model: Any, tmpl: str | None, box: Any) -> Any:
+def _segment(model: Any, tmpl: str | None, box: Any, wanted: list[str]) -> Any:
     from universal.inference import segment
 
     seg = segment(
         volume,
-        classes=list(classes),
+        classes=list(wanted),
         model=model,
         template=tmpl,
         device=None if device == "auto" else device,
@@ -402,7 +402,16 @@ if run and ready:
             with st.spinner("Loading the model (once per server)…"):
                 model = _model(model_key, checkpoint, encoder)
         t_model = time.perf_counter() - t0
-        seg = _segment(model, template, box)
+        wanted, skipped = al.split_supported_classes(model, classes)
+        if skipped:
+            st.warning(
+                f"This model was not trained for {', '.join(skipped)}: skipped. Choose another model "
+                "(e.g. an official checkpoint) to segment those classes.",
+                icon=":material/warning:",
+            )
+        if not wanted:
+            raise UniversalError("none of the chosen classes is one this model segments; choose others")
+        seg = _segment(model, template, box, wanted)
         ss["result"] = {
             "id": uuid.uuid4().hex,
             "seg": seg,
@@ -852,7 +861,7 @@ with tab_cmp:
                     enc_model = encoder_b if encoder_b is not None else result["encoder"]
                     with box, st.spinner("Loading the model…"):
                         model_b = _model(result["model_key"], result["checkpoint"], enc_model)
-                    seg_b = _segment(model_b, template_b, box)
+                    seg_b = _segment(model_b, template_b, box, list(seg.masks))
                     enc_a = str(seg.info.get("encoder") or "minilm")
                     enc_b = str(seg_b.info.get("encoder") or enc_a)
                     try:

@@ -226,6 +226,14 @@ def test_segresnet_parameter_count() -> None:
     assert bott.shape == (1, 128, 2, 2, 2) and dec.shape == (1, 16, 16, 16, 16)
 
 
+def test_segresnet_widths_groupnorm_cannot_split_are_a_clear_error() -> None:
+    for filters in (8, 12, 24):
+        with pytest.raises(InputError, match="multiple of 16"):
+            create_model("segresnet", classes=["liver"], encoder="onehot", init_filters=filters)
+    model = create_model("segresnet", classes=["liver"], encoder="onehot", init_filters=32)
+    assert model(torch.rand(1, 1, 16, 16, 16)).shape == (1, 1, 16, 16, 16)
+
+
 def test_per_sample_batchnorm_matches_official_batch_of_one() -> None:
     bn = PerSampleBatchNorm3d(3).eval()
     with torch.no_grad():

@@ -373,6 +373,26 @@ def load_model(
     return m.load_pretrained(key)
 
 
+def split_supported_classes(model: Any, classes: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split requested class names into those ``model`` was trained to segment and those it was not.
+
+    Names are resolved through the taxonomy (aliases and case are accepted); the order of ``classes`` is kept.
+
+    >>> from types import SimpleNamespace
+    >>> split_supported_classes(SimpleNamespace(class_names=["liver", "spleen"]), ["Spleen", "liver tumor"])
+    (['spleen'], ['liver tumor'])
+    """
+    from universal.taxonomy import resolve_class
+
+    own = set(getattr(model, "class_names", None) or ())
+    ok: list[str] = []
+    missing: list[str] = []
+    for name in classes:
+        canonical = resolve_class(name).name
+        (ok if canonical in own else missing).append(canonical)
+    return ok, missing
+
+
 def demo_model(encoder: str = "minilm", seed: int = 0):
     """A small randomly initialised Universal Model for all 32 classes (for trying the interface only).
 

@@ -231,7 +231,13 @@ def _cmd_pseudo(args: argparse.Namespace) -> int:
 
     model = load_pretrained(args.weights)
     manifest, report = pseudo_label(
-        args.manifest, model, args.output, threshold=args.threshold, device=args.device, fast=args.fast
+        args.manifest,
+        model,
+        args.output,
+        threshold=args.threshold,
+        min_confidence=args.min_confidence,
+        device=args.device,
+        fast=args.fast,
     )
     print(f"new manifest: {manifest}")
     flagged = [c for c in report.get("cases", []) if c.get("flags")]
@@ -359,22 +365,25 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train on partially labeled datasets (YAML/TOML config)", formatter_class=fmt,
                        epilog="examples:\n  universal train configs/example_phantom.yaml\n"
                        "  torchrun --nproc_per_node 2 -m universal.cli train configs/builtin.yaml")
-    t.add_argument("config")
-    t.add_argument("--device", default=None)
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--out", default=None, metavar="DIR")
-    t.add_argument("--resume", default=None, metavar="CKPT")
+    t.add_argument("config", help="YAML/TOML training config (see configs/ and universal/train.py)")
+    t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (overrides train.device)")
+    t.add_argument("--steps", type=int, default=None, help="override train.steps")
+    t.add_argument("--out", default=None, metavar="DIR", help="override train.out_dir")
+    t.add_argument("--resume", default=None, metavar="CKPT", help="resume from this training checkpoint")
     t.set_defaults(func=_cmd_train)
 
     q = sub.add_parser("pseudo-label", help="fill unannotated classes with a trained model's predictions",
                        formatter_class=fmt,
                        epilog="example:\n  universal pseudo-label train.json -o pseudo/ --weights run/final.pt")
-    q.add_argument("manifest")
-    q.add_argument("-o", "--output", required=True)
-    q.add_argument("--weights", default="builtin")
-    q.add_argument("--threshold", type=float, default=0.5)
-    q.add_argument("--device", default=None)
-    q.add_argument("--fast", action="store_true")
+    q.add_argument("manifest", help="JSON/CSV manifest of the cases to label (label may be missing)")
+    q.add_argument("-o", "--output", required=True, metavar="OUTDIR",
+                   help="writes manifest.json, labels/ and quality_report.json/.csv here")
+    q.add_argument("--weights", default="builtin", metavar="NAME|PATH", help="the teacher model")
+    q.add_argument("--threshold", type=float, default=0.5, help="probability threshold of predictions")
+    q.add_argument("--min-confidence", type=float, default=0.75,
+                   help="mean probability a predicted mask needs to become a pseudo-label (default 0.75)")
+    q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    q.add_argument("--fast", action="store_true", help="predict at 3 mm")
     q.set_defaults(func=_cmd_pseudo)
 
     m = sub.add_parser("embed", help="encode class prompts with a text encoder", formatter_class=fmt,

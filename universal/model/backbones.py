@@ -190,7 +190,22 @@ def SegResNetBackbone(**kwargs: Any) -> nn.Module:  # noqa: N802 - behaves like 
 
     Keyword arguments: ``init_filters=16``, ``blocks_down=(1, 2, 2, 4)``, ``blocks_up=(1, 1, 1)``,
     ``num_groups=8`` (GroupNorm groups), ``upsample_mode="nontrainable"``, ``dropout_prob=None``.
+
+    Raises:
+        InputError: ``init_filters`` not a positive multiple of 16 and of ``num_groups`` (GroupNorm).
     """
+    from universal.errors import InputError
+
+    filters = kwargs.get("init_filters", 16)
+    groups = kwargs.get("num_groups", 8)
+    if not isinstance(filters, int) or not isinstance(groups, int) or filters < 1 or groups < 1:
+        raise InputError(f"segresnet needs positive integers init_filters and num_groups, got {filters}, {groups}")
+    if filters % 16 or filters % groups:
+        raise InputError(
+            f"segresnet init_filters={filters} must be a multiple of 16 (the Universal Model's heads normalise the "
+            f"decoder's {filters} channels in 16 GroupNorm groups) and of num_groups={groups}; "
+            f"e.g. init_filters={max(16, filters - filters % 16)}"
+        )
     return _segresnet_class()(**kwargs)
 
 
