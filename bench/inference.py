@@ -8,8 +8,9 @@ GPU max allocated when CUDA is used) for
 - ``reference``: the official algorithm's choices (``bench/reference_inference.py``): overlap 0.5, one window per
   forward pass, MONAI's float32 full-resolution accumulator for all classes, a Python loop over classes in the heads,
   per-class full-volume resampling back;
-- ``segment@0.5``: ``universal.segment`` with the reference's overlap (same windows: checks equivalence);
-- ``segment``: the defaults (overlap 0.25);
+- ``segment@0.5``: ``universal.segment`` with the reference's overlap and float32 (same windows and arithmetic:
+  checks equivalence);
+- ``segment``: the defaults (overlap 0.25; bfloat16 autocast on a CPU with native bfloat16, float16 on CUDA);
 - ``segment fast``: ``fast=True`` (3 mm).
 
 and the minimum per-class DSC of each ``segment`` variant against the reference (``segment@0.5`` must be
@@ -52,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 VARIANTS = {
     "reference": {},
-    "segment@0.5": {"overlap": 0.5},
+    "segment@0.5": {"overlap": 0.5, "precision": "float32"},
     "segment": {},
     "segment fast": {"fast": True},
 }

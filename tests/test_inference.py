@@ -310,13 +310,31 @@ def test_unknown_or_unsupported_class_raises(phantom, model):
 def test_segment_matches_reference_style_implementation(model):
     ph = make_phantom((40, 40, 30), spacing=(4.5, 4.5, 4.5), seed=2)
     kwargs = {"overlap": 0.5, "patch_size": 16, "postprocess": True}
-    ours = segment(
-        ph.volume, model=model, sw_batch_size=3, preprocess_config=PreprocessConfig(spacing_mm=6.0), **kwargs
-    )
+    pp = PreprocessConfig(spacing_mm=6.0)
+    ours = segment(ph.volume, model=model, sw_batch_size=3, preprocess_config=pp, precision="float32", **kwargs)
     theirs = ref.reference_segment(ph.volume, model, spacing_mm=6.0, **kwargs)
     for name in CLASSES:
         assert ref.dsc(ours.masks[name], theirs[name]) >= 0.999, name
     assert sum(m.any() for m in ours.masks.values()) >= 3
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "auto"])
+def test_reduced_precision_agrees_with_float32(phantom, model, precision):
+    from universal.inference import autocast_dtype_for
+
+    full = segment(phantom.volume, model=model, precision="float32", postprocess=False, **QUICK)
+    low = segment(phantom.volume, model=model, precision=precision, postprocess=False, **QUICK)
+    ac = autocast_dtype_for("cpu", precision)
+    assert low.info["precision"] == ("float32" if ac is None else str(ac).replace("torch.", ""))
+    assert full.info["precision"] == "float32"
+    for name in full.masks:
+        assert ref.dsc(low.masks[name], full.masks[name]) >= 0.97, name
+    assert sum(m.any() for m in full.masks.values()) >= 3
+
+
+def test_unknown_precision_is_rejected(phantom, model):
+    with pytest.raises(ValueError, match="precision"):
+        segment(phantom.volume, model=model, precision="int8", **QUICK)
 
 
 def test_template_copy_and_no_mutation(phantom, model):

@@ -88,6 +88,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                 device=args.device,
                 fast=args.fast,
                 overlap=args.overlap,
+                precision=args.precision,
                 progress=progress,
             )
             case_dir = out / volume.name
@@ -351,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     s.add_argument("--fast", action="store_true", help="3 mm instead of 1.5 mm (about 8x faster)")
     s.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
+    s.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="forward-pass arithmetic (auto: float16 on CUDA, bfloat16 on CPUs that support it)")
     s.set_defaults(func=_cmd_segment)
 
     e = sub.add_parser("evaluate", help="DSC/NSD of predictions", epilog=_EVALUATE_EXAMPLES, formatter_class=fmt)
