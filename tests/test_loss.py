@@ -122,3 +122,35 @@ def test_bad_shapes() -> None:
         masked_bce_dice(logits, target[:, :3], torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(InputError, match="available"):
         masked_bce_dice(logits, target, torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_dice_on_empty_false_averages_dice_over_present_pairs_only() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6, 6, 6, requires_grad=True)
+    target = torch.zeros(2, 4, 6, 6, 6)
+    target[0, 0, 1:4, 1:4, 1:4] = 1  # the only non-empty pair
+    available = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    parts = masked_bce_dice(logits, target, available, dice_on_empty=False, return_components=True)
+    n = int(available.sum())
+    bce = _manual(logits, target, available, 1.0, 0.0)
+    only = torch.zeros(2, 4, dtype=torch.bool)
+    only[0, 0] = True
+    dice_present = _manual(logits, target, only, 0.0, 1.0)
+    assert parts["n_available"] == n
+    assert parts["loss"].item() == pytest.approx(bce + dice_present, rel=1e-5)
+    assert parts["dice"].item() == pytest.approx(dice_present, rel=1e-5)
+    # the default (the paper's per-pair sum) differs: empty pairs add a Dice loss of about 1 each
+    default = masked_bce_dice(logits, target, available).item()
+    assert default == pytest.approx(_manual(logits, target, available), rel=1e-5)
+    assert default > parts["loss"].item() + 0.1
+    parts["loss"].backward()
+    assert logits.grad[0, 3].abs().sum() == 0 and logits.grad[1, 2:].abs().sum() == 0  # still masked
+    assert logits.grad[1, 0].abs().sum() > 0  # empty but annotated: BCE teaches absence
+
+
+def test_dice_on_empty_false_with_no_present_pair_is_bce_only() -> None:
+    logits = torch.randn(1, 2, 4, 4, 4)
+    target = torch.zeros(1, 2, 4, 4, 4)
+    available = torch.ones(1, 2, dtype=torch.bool)
+    loss = masked_bce_dice(logits, target, available, dice_on_empty=False)
+    assert loss.item() == pytest.approx(_manual(logits, target, available, 1.0, 0.0), rel=1e-5)

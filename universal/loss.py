@@ -26,6 +26,7 @@ def masked_bce_dice(
     dice_weight: float = 1.0,
     smooth: float = 1e-5,
     return_components: bool = False,
+    dice_on_empty: bool = True,
 ) -> torch.Tensor | dict[str, Any]:
     """Masked BCE + soft Dice over the annotated (case, class) pairs.
 
@@ -37,6 +38,11 @@ def masked_bce_dice(
         smooth: added to the numerator and denominator of the Dice.
         return_components: return a dict ``{"loss", "bce", "dice", "n_available"}`` (``bce``/``dice`` are the
             means of the BCE and of the Dice *loss* over the available pairs, detached) instead of the scalar.
+        dice_on_empty: ``True`` (the paper's per-pair sum): every available pair has a Dice term. ``False``: the
+            Dice term is averaged over the available pairs whose target is non-empty only (the BCE still covers
+            every available pair and teaches absence). With many classes and small patches most pairs are empty;
+            their Dice loss is ≈ 1 with almost no gradient, so they only dilute the present classes' Dice gradient
+            (and make the loss value read ≈ 1 whatever the model does).
 
     Returns:
         the scalar loss (0, with zero gradient and no NaN, when no pair is available).
@@ -75,13 +81,21 @@ def masked_bce_dice(
     denominator = prob.sum(dim=1) + flat_target.sum(dim=1)
     dice_loss = 1.0 - (2.0 * intersection + smooth) / (denominator + smooth)  # (n,)
 
-    pair_loss = bce_weight * bce + dice_weight * dice_loss
-    loss = pair_loss.sum() / max(n, 1)  # empty → 0, still attached to the graph (zero gradient)
+    if dice_on_empty:
+        pair_loss = bce_weight * bce + dice_weight * dice_loss
+        loss = pair_loss.sum() / max(n, 1)  # empty → 0, still attached to the graph (zero gradient)
+        dice_mean = dice_loss.detach().sum() / max(n, 1)
+    else:
+        present = flat_target.sum(dim=1) > 0
+        n_present = int(present.sum())
+        dice_sum = (dice_loss * present).sum()
+        loss = bce_weight * bce.sum() / max(n, 1) + dice_weight * dice_sum / max(n_present, 1)
+        dice_mean = dice_sum.detach() / max(n_present, 1)
     if not return_components:
         return loss
     return {
         "loss": loss,
         "bce": bce.detach().sum() / max(n, 1),
-        "dice": dice_loss.detach().sum() / max(n, 1),
+        "dice": dice_mean,
         "n_available": int(n),
     }

@@ -35,6 +35,7 @@ Config (YAML or TOML; relative paths are relative to the config file's folder; e
     loss:
       dice_weight: 1.0
       bce_weight: 1.0
+      dice_on_empty: true        # false: Dice only over annotated pairs with a non-empty target (BCE over all)
     optim:
       name: adamw                # adamw | novograd
       lr: 1.0e-4
@@ -126,7 +127,7 @@ DEFAULT_CONFIG: dict[str, dict[str, Any]] = {
         "augment": {},
         "phantom": None,
     },
-    "loss": {"dice_weight": 1.0, "bce_weight": 1.0},
+    "loss": {"dice_weight": 1.0, "bce_weight": 1.0, "dice_on_empty": True},
     "optim": {
         "name": "adamw",
         "lr": 1e-4,
@@ -955,6 +956,7 @@ def _train(cfg: dict[str, Any], dist_ctx: _Dist, stop_after: int | None) -> Trai
     loss_kw = {
         "dice_weight": float(cfg["loss"]["dice_weight"]),
         "bce_weight": float(cfg["loss"]["bce_weight"]),
+        "dice_on_empty": bool(cfg["loss"]["dice_on_empty"]),
     }
     grad_clip = o["grad_clip"]
     history: list[dict[str, float]] = []
