@@ -209,3 +209,14 @@ def test_upload_size_limit():
     al.check_upload("ct.nii.gz", 10 * 1024**2, 512)
     with pytest.raises(InputError, match="upload limit is 5 MB"):
         al.check_upload("ct.nii.gz", 6 * 1024**2, 5)
+
+
+def test_split_supported_classes_keeps_order_resolves_aliases_and_lists_the_rest():
+    from universal.errors import ClassNameError
+
+    model = SimpleNamespace(class_names=["spleen", "liver", "inferior vena cava"])
+    ok, missing = al.split_supported_classes(model, ["IVC", "liver tumor", "Liver", "left lung"])
+    assert ok == ["inferior vena cava", "liver"]
+    assert missing == ["liver tumor", "left lung"]
+    with pytest.raises(ClassNameError):
+        al.split_supported_classes(model, ["livr"])

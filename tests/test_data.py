@@ -268,6 +268,23 @@ def test_small_image_is_padded(phantom_manifest):
     assert ds[0]["image"].shape == (1, 16, 16, 16)
 
 
+def test_small_image_is_padded_like_the_sliding_window_inference():
+    from universal.data import AugmentConfig, PreparedCase
+
+    # an image of ones smaller than the patch on two axes: the patch holds it centred, zeros around (MONAI's split)
+    image = np.ones((1, 11, 20, 6), np.float32)
+    target = np.zeros((len(CLASSES), 11, 20, 6), bool)
+    target[0, 3:8, 5:15, 1:5] = True
+    case = PreparedCase("small", image, target, np.ones(len(CLASSES), bool), np.eye(4), np.flatnonzero(target[0]))
+    ds = PatchDataset([case], (16, 16, 16), CLASSES, augment=AugmentConfig(intensity_prob=0.0), seed=0)
+    for i in range(4):
+        patch = np.asarray(ds[i]["image"][0])
+        tgt = np.asarray(ds[i]["target"][0])
+        assert patch.shape == (16, 16, 16)
+        assert patch[2:13, :, 5:11].all() and patch.sum() == 11 * 16 * 6  # x: 5 missing → 2 before, 3 after
+        assert tgt[2 + 3 : 2 + 8, :, 5 + 1 : 5 + 5].any() and tgt.sum() <= target[0].sum()
+
+
 # --------------------------------------------------------------------------------------------------- real data
 def test_real_partially_labeled_assembly(shared_data, tmp_path):
     data = {

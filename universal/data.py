@@ -883,8 +883,10 @@ class PatchDataset:
         sl = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
         image = case.image[(slice(None), *sl)]
         target = case.target[(slice(None), *sl)]
-        if np.any(stop - start < patch):  # image smaller than the patch: pad at the end
-            pad = [(0, 0)] + [(0, int(p - (b - a))) for a, b, p in zip(start, stop, patch)]
+        if np.any(stop - start < patch):  # image smaller than the patch: zero-pad half before, half after,
+            # exactly as the sliding-window inference (MONAI) pads it, so training and inference see the same input
+            missing = [int(p - (b - a)) for a, b, p in zip(start, stop, patch)]
+            pad = [(0, 0)] + [(m // 2, m - m // 2) for m in missing]
             image = np.pad(image, pad)
             target = np.pad(target, pad)
         return image, target, case.available.copy()

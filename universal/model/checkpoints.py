@@ -541,7 +541,7 @@ def _from_object(obj: Any, source: str) -> UniversalModel:
 
 
 def load_pretrained(
-    name_or_path: str | os.PathLike[str],
+    name_or_path: str | os.PathLike[str] = "builtin",
     map_location: Any = "cpu",
     progress: bool = True,
 ) -> UniversalModel:
