@@ -274,3 +274,17 @@ def test_real_kidneys_swapped_labels_are_fixed(shared_data):
     )
     out = postprocess({"right kidney": left[::-1], "left kidney": right[::-1]}, flip)
     assert np.array_equal(out["right kidney"], keep_largest_component(right)[::-1])
+
+
+def test_fast_labelling_equals_scipy_26_connectivity():
+    from scipy import ndimage
+
+    from universal.postprocess import _label
+
+    rng = np.random.default_rng(0)
+    mask = ndimage.gaussian_filter(rng.random((40, 33, 27)).astype(np.float32), 1.5) > 0.52
+    comps, n, sizes = _label(mask)
+    expected, n_expected = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    assert n == n_expected > 5
+    np.testing.assert_array_equal(comps, expected)
+    assert sizes[1:].sum() == mask.sum() and len(sizes) == n + 1

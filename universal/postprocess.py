@@ -146,9 +146,18 @@ def _bbox(mask: np.ndarray, margin: Sequence[int] = (0, 0, 0)) -> tuple[slice, .
 
 
 def _label(mask: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
-    """Components (26-connected) and their voxel counts (index 0 = background)."""
-    comps, n = ndimage.label(mask, structure=_STRUCTURE)
-    return comps, n, np.bincount(comps.ravel(), minlength=n + 1)
+    """Components (26-connected) and their voxel counts (index 0 = background).
+
+    ``cc3d`` (connected-components-3d, 3-4x faster on CT-sized masks) when installed, else SciPy; both number the
+    components in the same raster order, so results are identical.
+    """
+    try:
+        import cc3d
+    except ImportError:  # pragma: no cover - cc3d is in requirements.txt; SciPy is the fallback
+        comps, n = ndimage.label(mask, structure=_STRUCTURE)
+    else:
+        comps, n = cc3d.connected_components(np.ascontiguousarray(mask), connectivity=26, return_N=True)
+    return comps, int(n), np.bincount(comps.ravel(), minlength=n + 1)
 
 
 def _min_voxels(min_mm3: float, spacing: tuple[float, float, float]) -> float:
