@@ -29,7 +29,7 @@ test: install
 	$(BIN)/ruff check universal tests bench app.py
 	$(BIN)/python -m pytest -q
 
-# Not part of CI: retrain the built-in weights (about an hour on a 2-core CPU; DEVICE=cuda on a GPU)
+# Not part of CI: retrain the built-in weights (about 30 minutes on a 2-core CPU; DEVICE=cuda on a GPU)
 train-builtin: install
 	DEVICE=$${DEVICE:-cpu} bash scripts/train_builtin.sh
 

@@ -8,7 +8,7 @@
 # 3. round 2: universal train configs/builtin_round2.yaml (starts from round 1; adds the pseudo-labels)
 # 4. package round 2 as float16, then bench/accuracy.py prints held-out DSC/NSD of both rounds.
 # Needs ../shared/data beside the project root (read in place, never copied). Each training round resumes from its
-# own checkpoint if interrupted. About 60-75 minutes on a 2-core CPU; DEVICE=cuda trains on a GPU.
+# own checkpoint if interrupted. About 30 minutes on an otherwise idle 2-core CPU; DEVICE=cuda trains on a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
