@@ -6,12 +6,11 @@ python scripts/package_builtin.py runs/builtin/run/model.pt universal/resources/
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
+
+from universal.io import atomic_write
 
 
 def package(src: str, dst: str) -> str:
@@ -23,16 +22,7 @@ def package(src: str, dst: str) -> str:
     extra = dict(obj.get("extra") or {})
     extra["packaged_dtype"] = "float16"
     obj["extra"] = extra
-    out = Path(dst)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    out = atomic_write(dst, lambda fh: torch.save(obj, fh))
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     print(f"{out}: {out.stat().st_size / 1e6:.2f} MB, sha256 {digest}")
     return digest

@@ -556,3 +556,20 @@ def test_case_name() -> None:
     assert case_name("scan.v2.NRRD") == "scan.v2"
     assert case_name("/data/patient7/") == "patient7"
     assert case_name("series.zip") == "series"
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    from universal.io import atomic_write, atomic_write_text
+
+    target = tmp_path / "sub" / "report.json"
+    atomic_write_text(target, '{"ok": true}\n')
+    assert target.read_text() == '{"ok": true}\n'
+
+    def half_then_fail(fh):
+        fh.write(b'{"half')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, half_then_fail)
+    assert target.read_text() == '{"ok": true}\n'  # untouched
+    assert sorted(p.name for p in target.parent.iterdir()) == ["report.json"]  # no temporary file left

@@ -54,7 +54,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -64,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from universal.errors import InputError, UniversalError
+from universal.io import atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from universal.io import Volume
@@ -520,7 +520,7 @@ def write_manifest(manifest: Manifest | Sequence[Case], path: str | os.PathLike)
         entry.update(case.meta)
         entries.append(entry)
     data = {"version": MANIFEST_VERSION, "datasets": datasets, "cases": entries}
-    _atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
     return path
 
 
@@ -530,19 +530,6 @@ def _relative(p: Path, root: Path) -> str:
         return Path(os.path.relpath(p, root)).as_posix()
     except ValueError:  # another drive (Windows)
         return p.as_posix()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------------ validation
@@ -995,7 +982,7 @@ def write_phantom_dataset(
     if unlabeled:
         datasets.setdefault("unlabeled", {"labels": {}, "annotated": []})
     path = out / manifest_name
-    _atomic_write_text(
+    atomic_write_text(
         path, json.dumps({"version": MANIFEST_VERSION, "datasets": datasets, "cases": cases}, indent=2)
     )
     return path

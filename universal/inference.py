@@ -44,7 +44,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -141,7 +140,9 @@ class Segmentation:
             save_mask(mask, self.volume, out / "masks" / f"{mask_file_stem(name)}.nii.gz", dtype=np.uint8)
         save_mask(self.label_map(), self.volume, out / "labels.nii.gz", dtype=np.int16)
         report = out / "report.json"
-        _atomic_write_text(report, json.dumps(self.report(), indent=2, allow_nan=False) + "\n")
+        from universal.io import atomic_write_text
+
+        atomic_write_text(report, json.dumps(self.report(), indent=2, allow_nan=False) + "\n")
         return {"masks": out / "masks", "labels": out / "labels.nii.gz", "report": report}
 
 
@@ -832,16 +833,3 @@ def _jsonable(v):
     if v is None or isinstance(v, (str, int, bool)):
         return v
     return str(v)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

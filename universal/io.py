@@ -1249,3 +1249,31 @@ def _fmt_bytes(n: float) -> str:
 
 def _fmt_spacing(sp: Any) -> str:
     return "(" + ", ".join(f"{float(s):.3g}" for s in sp) + ")"
+
+
+# ------------------------------------------------------------------------------------------------ atomic writes
+def atomic_write(path: str | os.PathLike[str], write: Any, *, binary: bool = True) -> Path:
+    """Write a file atomically: ``write(fh)`` fills a temporary file in the same folder, which then replaces
+    ``path`` (an interruption never leaves a half-written file). Parent folders are created.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> atomic_write(d / "a.txt", lambda fh: fh.write("hi"), binary=False).read_text()
+    'hi'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 text atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda fh: fh.write(text), binary=False)

@@ -502,9 +502,9 @@ def _json_safe(v: Any) -> Any:
 
 
 def _write_report(out: Path, report: Mapping[str, Any]) -> None:
-    from universal.data import _atomic_write_text
+    from universal.io import atomic_write_text
 
-    _atomic_write_text(out / "quality_report.json", json.dumps(_json_safe(report), indent=2) + "\n")
+    atomic_write_text(out / "quality_report.json", json.dumps(_json_safe(report), indent=2) + "\n")
     fields = [
         "case",
         "class",
@@ -521,4 +521,4 @@ def _write_report(out: Path, report: Mapping[str, Any]) -> None:
     for c in report["cases"]:
         for n, row in c["classes"].items():
             w.writerow({"case": c["case"], "class": n, "review": c["review"], **_json_safe(row)})
-    _atomic_write_text(out / "quality_report.csv", buf.getvalue())
+    atomic_write_text(out / "quality_report.csv", buf.getvalue())

@@ -517,19 +517,11 @@ def _state_path(ckpt: Path) -> Path:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    import tempfile
-
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from universal.io import atomic_write
+
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def _rng_state() -> dict[str, Any]:
