@@ -56,6 +56,15 @@ DATA_DIR = Path(DATA_DIR) if DATA_DIR is not None and Path(DATA_DIR).is_dir() el
 print(f"universal {universal.__version__} | real CTs: {DATA_DIR or 'not found - using the synthetic phantom'}")
 """
 
+# the parameters cell of the notebooks that only read data (01, 02)
+SMALL_NOTEBOOK_PARAMETERS = code(
+    """
+QUICK = True  # CI-sized run (this notebook is small either way)
+DATA_DIR = None  # folder with the real CTs; None = $UNIVERSAL_SHARED_DATA or the nearest shared/data above
+""",
+    tags=["parameters"],
+)
+
 PLOT_SETUP = '''
 plt.rcParams.update({"figure.dpi": 80, "axes.titlesize": 10, "font.size": 9})
 
@@ -93,13 +102,7 @@ We look at three real CT scans from `../shared/data`, each from a dataset with a
 Without `../shared/data` the notebook builds the same situation from the synthetic phantom
 (`universal.make_phantom`). Runs top to bottom on a laptop CPU in well under a minute.
 """),
-        code(
-            """
-QUICK = True  # CI-sized run (this notebook is small either way)
-DATA_DIR = None  # folder with the real CTs; None = $UNIVERSAL_SHARED_DATA or the nearest shared/data above
-""",
-            tags=["parameters"],
-        ),
+        SMALL_NOTEBOOK_PARAMETERS,
         code(
             """
 import os
@@ -516,13 +519,7 @@ Because related classes get related sentences, the encoder can put them close to
 CLIP over one-hot labels. This notebook looks at templates, four encoders (MiniLM live, CLIP when its weights are
 available, the official CLIP table, one-hot), their similarity structure, and the controller of a real model.
 """),
-        code(
-            """
-QUICK = True  # CI-sized run (this notebook is small either way)
-DATA_DIR = None  # folder with the real CTs; None = $UNIVERSAL_SHARED_DATA or the nearest shared/data above
-""",
-            tags=["parameters"],
-        ),
+        SMALL_NOTEBOOK_PARAMETERS,
         code(
             """
 import copy

@@ -1,6 +1,6 @@
 """Package a trained universal checkpoint as the built-in weights: float16 floating-point tensors, atomic write.
 
-python scripts/package_builtin.py runs/builtin/run/model.pt universal/resources/builtin.pt
+python scripts/package_builtin.py runs/builtin/round2/model.pt universal/resources/builtin.pt
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 #
 #   make train-builtin          # or: bash scripts/train_builtin.sh
 #
-# 1. round 1: universal train configs/builtin.yaml (real partially labeled CT + label-conditioned synthesis + phantom)
+# 1. round 1: universal train configs/builtin.yaml (real partially labeled CT + a phantom case; synthesis hook off)
 # 2. pseudo-labels: round 1 labels the unlabeled scans of ../shared/data (configs/builtin_unlabeled.json)
 # 3. round 2: universal train configs/builtin_round2.yaml (starts from round 1; adds the pseudo-labels)
 # 4. package round 2 as float16, then bench/accuracy.py prints held-out DSC/NSD of both rounds.

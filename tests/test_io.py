@@ -573,3 +573,14 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
         atomic_write(target, half_then_fail)
     assert target.read_text() == '{"ok": true}\n'  # untouched
     assert sorted(p.name for p in target.parent.iterdir()) == ["report.json"]  # no temporary file left
+
+
+def test_atomic_write_gives_the_file_the_usual_permissions(tmp_path):
+    import os
+
+    from universal.io import atomic_write_text
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path = atomic_write_text(tmp_path / "report.json", "{}\n")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600

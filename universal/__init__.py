@@ -33,24 +33,7 @@ _EXPORTS: dict[str, str] = {
     "evaluate_case": "universal.metrics",
 }
 
-__all__ = [
-    "__version__",
-    "UniversalError",
-    "resolve_class",
-    "class_names",
-    "Volume",
-    "load_volume",
-    "load_label",
-    "save_mask",
-    "make_phantom",
-    "encode_prompts",
-    "create_model",
-    "list_models",
-    "load_pretrained",
-    "segment",
-    "evaluate_case",
-]
-assert set(__all__[1:]) == set(_EXPORTS)
+__all__ = ["__version__", *_EXPORTS]  # the TYPE_CHECKING imports below are re-exports (ruff: F401 off here)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from universal.errors import UniversalError

@@ -1252,6 +1252,15 @@ def _fmt_spacing(sp: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
+def _file_mode() -> int:
+    umask = os.umask(0)  # read once at import (os.umask can only be read by setting it)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 def atomic_write(path: str | os.PathLike[str], write: Any, *, binary: bool = True) -> Path:
     """Write a file atomically: ``write(fh)`` fills a temporary file in the same folder, which then replaces
     ``path`` (an interruption never leaves a half-written file). Parent folders are created.
@@ -1267,6 +1276,7 @@ def atomic_write(path: str | os.PathLike[str], write: Any, *, binary: bool = Tru
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as fh:
             write(fh)
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; give the file the mode open() would have given it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

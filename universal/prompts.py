@@ -41,7 +41,6 @@ import logging
 import os
 import re
 import socket
-import tempfile
 import threading
 import warnings
 from collections.abc import Iterable, Sequence
@@ -999,23 +998,16 @@ def _read_row(path: Path, dim: int) -> np.ndarray | None:
 
 
 def _write_row(path: Path, row: np.ndarray) -> None:
-    """Write one row atomically (temp file in the same folder, then os.replace); failures only warn."""
-    tmp = None
+    """Write one row atomically (:func:`universal.io.atomic_write`); failures only warn."""
+    from universal.io import atomic_write
+
+    data = np.ascontiguousarray(row, dtype=np.float32)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(row, dtype=np.float32), allow_pickle=False)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is plain data readable like any written file
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write(path, lambda fh: np.save(fh, data, allow_pickle=False))
     except OSError as exc:
         warnings.warn(
             f"Could not write the embedding cache file {path} ({exc}); continuing without it.", stacklevel=3
         )
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def encode_prompts(
