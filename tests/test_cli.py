@@ -141,3 +141,41 @@ def test_console_entry_point_exit_code(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_train_set_overrides_then_pseudo_label_empty_option(tmp_path, monkeypatch, capsys):
+    from universal.data import load_manifest, write_phantom_dataset
+    from universal.model import load_checkpoint
+
+    manifest = write_phantom_dataset(
+        tmp_path / "ds", 2, (48, 48, 40), (3.0, 3.0, 3.0), {"organs": ["liver", "spleen"]}, unlabeled=1
+    )
+    (tmp_path / "cfg").mkdir()
+    cfg = tmp_path / "cfg" / "tiny.yaml"
+    cfg.write_text(
+        "model: {classes: [liver, spleen], encoder: onehot,\n"
+        "        kwargs: {init_filters: 16, blocks_down: [1, 1, 1], blocks_up: [1, 1]}}\n"
+        "data: {train: does_not_exist.json, spacing_mm: 3.0, patch_size: 16}\n"
+        "train: {steps: 50, batch_size: 1, progress: false, ckpt_every: 0, out_dir: run}\n"
+    )
+    monkeypatch.chdir(tmp_path)  # --set paths are relative to the current folder, not the config's
+    args = ["train", str(cfg), "--set", f"data.train={manifest.relative_to(tmp_path)}",
+            "--set", "train.steps=2", "--set", "train.out_dir=myrun", "--set", "optim.lr=0.002"]
+    assert main(args) == 0
+    saved = load_checkpoint(tmp_path / "myrun" / "model.pt")
+    assert saved.checkpoint_extra["training"]["step"] == 2
+    assert json.loads((tmp_path / "myrun" / "config.json").read_text())["optim"]["lr"] == 0.002
+    assert main(["train", str(cfg), "--set", "train.steps"]) == 2
+    assert "SECTION.KEY=VALUE" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--set", "train.stepz=3"]) == 2
+    assert "train.stepz" in capsys.readouterr().err
+    # an untrained model at threshold 0.9999 predicts nothing: "absent" annotates every class of the unlabeled
+    # case as absent, "unannotated" leaves them masked
+    common = [str(manifest), "--weights", "myrun/model.pt", "--threshold", "0.9999", "--device", "cpu", "--fast"]
+    assert main(["pseudo-label", *common, "-o", "absent"]) == 0
+    assert main(["pseudo-label", *common, "-o", "masked", "--empty", "unannotated"]) == 0
+    unlabeled = [c.name for c in load_manifest(manifest).cases if not c.annotated_classes()]
+    assert unlabeled
+    a, m = load_manifest(tmp_path / "absent" / "manifest.json"), load_manifest(tmp_path / "masked" / "manifest.json")
+    assert set(a[unlabeled[0]].annotated_classes()) == {"liver", "spleen"}
+    assert m[unlabeled[0]].annotated_classes() == ()

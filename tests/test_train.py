@@ -206,6 +206,28 @@ def test_resume_equals_uninterrupted(manifest, tmp_path):
     assert again.step == 4 and again.resumed_from == 4 and again.history == []
 
 
+def test_time_budget_ends_the_run_and_drives_the_schedule(manifest, tmp_path):
+    from universal.model import load_checkpoint
+
+    cfg = tiny_config(manifest, tmp_path / "t", steps=100_000, time_budget_s=2.0)
+    cfg["optim"] = {"lr": 1e-3, "warmup_steps": 0, "min_lr_ratio": 0.0}
+    result = train(cfg)
+    # the budget, not the 100 000 steps, ended the run; it still produced the final model
+    assert 1 <= result.step < 100_000
+    assert result.checkpoint == tmp_path / "t" / "model.pt"
+    info = load_checkpoint(result.checkpoint).checkpoint_extra["training"]
+    assert info["step"] == result.step and info["time_budget_s"] == 2.0 and info["train_seconds"] >= 2.0
+    # the cosine schedule followed the clock: by the last step the learning rate had decayed to near zero,
+    # although step / steps is still tiny (a step-driven schedule would still be at the full 1e-3)
+    lrs = [h["lr"] for h in result.history]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] < 0.2e-3 and lrs == sorted(lrs, reverse=True)
+    # resuming a run whose budget is spent trains nothing more
+    again = train(cfg)
+    assert again.step == result.step and again.history == []
+    with pytest.raises(InputError, match="time_budget_s"):
+        resolve_config({"data": {"train": "x.json"}, "train": {"time_budget_s": -1}})
+
+
 def test_adamw_and_novograd_and_synthesis_hook(manifest, tmp_path):
     cfg = tiny_config(manifest, tmp_path / "n", steps=1, num_workers=1)  # also the DataLoader worker path
     cfg["optim"]["name"] = "novograd"

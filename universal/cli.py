@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from universal.errors import UniversalError
+from universal.errors import InputError, UniversalError
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -206,6 +206,25 @@ def _label_grid(path: Path | None):
 
 
 # ------------------------------------------------------------------------------------------------- train
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    """``section.key=value`` (value in YAML syntax) → (section, key, value); path keys relative to the cwd."""
+    import yaml
+
+    from universal.train import _PATH_KEYS
+
+    name, sep, text = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not (sep and dot and section and key):
+        raise InputError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. --set train.time_budget_s=600")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InputError(f"--set {item!r}: the value is not valid YAML ({exc})") from exc
+    if (section, key) in _PATH_KEYS and value not in (None, True, False, "auto"):
+        value = [str(Path(v).resolve()) for v in value] if isinstance(value, list) else str(Path(value).resolve())
+    return section, key, value
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from universal.train import load_config, train
 
@@ -221,6 +240,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config.setdefault("train", {}).update(overrides)
     if args.resume:
         config.setdefault("train", {})["resume"] = args.resume
+    for item in args.set or []:
+        section, key, value = _parse_override(item)
+        config.setdefault(section, {})
+        if config[section] is None:
+            config[section] = {}
+        config[section][key] = value
     result = train(config)
     print(f"checkpoint: {result.checkpoint}")
     return EXIT_OK
@@ -228,15 +253,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_pseudo(args: argparse.Namespace) -> int:
     from universal.model import load_pretrained
-    from universal.pseudo import pseudo_label
+    from universal.pseudo import PseudoLabelConfig, pseudo_label
 
     model = load_pretrained(args.weights)
+    config = PseudoLabelConfig(
+        threshold=args.threshold,
+        min_confidence=args.min_confidence,
+        empty_as_negative=args.empty == "absent",
+    )
     manifest, report = pseudo_label(
         args.manifest,
         model,
         args.output,
         threshold=args.threshold,
         min_confidence=args.min_confidence,
+        config=config,
         device=args.device,
         fast=args.fast,
     )
@@ -367,12 +398,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train on partially labeled datasets (YAML/TOML config)", formatter_class=fmt,
                        epilog="examples:\n  universal train configs/example_phantom.yaml\n"
+                       "  universal train configs/builtin.yaml --device cuda --set train.time_budget_s=300\n"
                        "  torchrun --nproc_per_node 2 -m universal.cli train configs/builtin.yaml")
     t.add_argument("config", help="YAML/TOML training config (see configs/ and universal/train.py)")
     t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (overrides train.device)")
     t.add_argument("--steps", type=int, default=None, help="override train.steps")
     t.add_argument("--out", default=None, metavar="DIR", help="override train.out_dir")
     t.add_argument("--resume", default=None, metavar="CKPT", help="resume from this training checkpoint")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override any config key (YAML value; repeatable), e.g. --set synthesis.prob=0.5 "
+                   "--set train.time_budget_s=600; paths are relative to the current folder")
     t.set_defaults(func=_cmd_train)
 
     q = sub.add_parser("pseudo-label", help="fill unannotated classes with a trained model's predictions",
@@ -385,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threshold", type=float, default=0.5, help="probability threshold of predictions")
     q.add_argument("--min-confidence", type=float, default=0.75,
                    help="mean probability a predicted mask needs to become a pseudo-label (default 0.75)")
+    q.add_argument("--empty", choices=("absent", "unannotated"), default="absent",
+                   help="a class the teacher predicts nowhere: annotated absent (default) or left unannotated "
+                   "(masked in training; safer when the scans' field of view differs from the teacher's data)")
     q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     q.add_argument("--fast", action="store_true", help="predict at 3 mm")
     q.set_defaults(func=_cmd_pseudo)

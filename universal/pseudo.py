@@ -414,6 +414,19 @@ def pseudo_label(
             else:
                 row["source"] = "dropped"
             rows[n] = row
+        if not gt_masks and not accepted:  # nothing to store: the case stays unlabeled (training skips it)
+            new_cases.append(case)
+            reports.append(
+                {
+                    "case": case.name,
+                    "dataset": case.dataset,
+                    "label": str(case.label) if case.label else None,
+                    "classes": rows,
+                    "flags": ["no pseudo-label accepted: the case stays unlabeled"],
+                    "review": True,
+                }
+            )
+            continue
         try:
             label, final = merge_with_ground_truth(gt_masks, accepted, volume.affine, names)
         except UnstorableGroundTruth as exc:

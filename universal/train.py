@@ -46,6 +46,8 @@ Config (YAML or TOML; relative paths are relative to the config file's folder; e
       grad_clip: null            # max gradient norm, or null
     train:
       steps: 1000
+      time_budget_s: null        # wall-clock budget of the training loop (seconds): the schedule follows
+                                 # max(step / steps, elapsed / budget) and the run ends when either is used up
       batch_size: 2              # per rank
       amp: auto                  # auto (= on CUDA only) | true | false
       amp_dtype: float16         # float16 | bfloat16
@@ -139,6 +141,7 @@ DEFAULT_CONFIG: dict[str, dict[str, Any]] = {
     },
     "train": {
         "steps": 1000,
+        "time_budget_s": None,
         "batch_size": 2,
         "amp": "auto",
         "amp_dtype": "float16",
@@ -266,6 +269,13 @@ def resolve_config(config: Mapping[str, Any] | str | os.PathLike) -> dict[str, A
     for key in ("steps", "batch_size"):
         if int(t[key]) < 1:
             problems.append(f"train.{key} must be at least 1")
+    if t["time_budget_s"] is not None:
+        try:
+            t["time_budget_s"] = float(t["time_budget_s"])
+            if not t["time_budget_s"] > 0:
+                raise ValueError
+        except (TypeError, ValueError):
+            problems.append(f"train.time_budget_s {t['time_budget_s']!r} must be a positive number of seconds or null")
     if str(t["amp"]).lower() not in ("auto", "true", "false") and not isinstance(t["amp"], bool):
         problems.append(f"train.amp {t['amp']!r} must be auto, true or false")
     if str(t["amp_dtype"]) not in ("float16", "bfloat16"):
@@ -543,12 +553,13 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def _save_training_checkpoint(
-    path: Path, model, optimizer, scheduler, scaler, step: int, cfg: dict[str, Any]
+    path: Path, model, optimizer, scheduler, scaler, step: int, cfg: dict[str, Any], elapsed_s: float = 0.0
 ) -> None:
     from universal.model import save_checkpoint
 
     state = {
         "step": step,
+        "elapsed_s": float(elapsed_s),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
@@ -557,14 +568,16 @@ def _save_training_checkpoint(
     }
     # state first, model second: a model file always has a matching (or newer) state beside it
     _atomic_torch_save(state, _state_path(path))
-    save_checkpoint(model, path, extra={"training": _train_info(cfg, step)})
+    save_checkpoint(model, path, extra={"training": _train_info(cfg, step, elapsed_s)})
 
 
-def _train_info(cfg: dict[str, Any], step: int) -> dict[str, Any]:
+def _train_info(cfg: dict[str, Any], step: int, elapsed_s: float = 0.0) -> dict[str, Any]:
     """Plain facts about the run stored in checkpoints (``patch_size`` is the sliding-window size to use)."""
     return {
         "step": int(step),
         "steps": int(cfg["train"]["steps"]),
+        "time_budget_s": cfg["train"]["time_budget_s"],
+        "train_seconds": round(float(elapsed_s), 1),
         "patch_size": [int(p) for p in cfg["data"]["patch_size"]],
         "spacing_mm": [float(s) for s in cfg["data"]["spacing_mm"]],
         "optimizer": str(cfg["optim"]["name"]),
@@ -897,7 +910,7 @@ def _train(cfg: dict[str, Any], dist_ctx: _Dist, stop_after: int | None) -> Trai
     scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
 
     # ---- resume
-    start_step, resumed_from = 0, None
+    start_step, resumed_from, prior_elapsed = 0, None, 0.0
     resume = _resume_path(cfg, out_dir)
     if resume is not None:
         from universal.model import load_checkpoint
@@ -914,6 +927,7 @@ def _train(cfg: dict[str, Any], dist_ctx: _Dist, stop_after: int | None) -> Trai
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         start_step = resumed_from = int(state["step"])
+        prior_elapsed = float(state.get("elapsed_s", 0.0))
         del saved
 
     train_model: Any = model
@@ -972,10 +986,26 @@ def _train(cfg: dict[str, Any], dist_ctx: _Dist, stop_after: int | None) -> Trai
                     writer.add_scalar(f"val_dsc/{n}", v, step)
         bar.set_postfix_str(f"val DSC {mean:.3f}")
 
+    budget = t["time_budget_s"]
+    warmup, min_ratio = int(o["warmup_steps"]), float(o["min_lr_ratio"])
+    loop_start = time.perf_counter()
+
+    def elapsed_s() -> float:
+        return prior_elapsed + (time.perf_counter() - loop_start)
+
+    def schedule_step(step: int) -> int:
+        """The schedule's position: the step, or further along when the time budget runs faster."""
+        if budget is None:
+            return step
+        return max(step, int(elapsed_s() / budget * total_steps))
+
     model.train()
     step = start_step
+    out_of_time = budget is not None and prior_elapsed >= budget  # a finished budgeted run resumed: nothing to do
     t0 = time.perf_counter()
     for batch in loader:
+        if out_of_time:
+            break
         image = batch["image"].to(device, non_blocking=True)
         target = batch["target"].to(device, non_blocking=True).float()
         available = batch["available"].to(device, non_blocking=True)
@@ -994,6 +1024,12 @@ def _train(cfg: dict[str, Any], dist_ctx: _Dist, stop_after: int | None) -> Trai
         lr = float(optimizer.param_groups[0]["lr"])
         scheduler.step()
         step += 1
+        if budget is not None:  # the time budget moves the schedule (same on every rank: rank 0's clock)
+            position = int(dist_ctx.mean(float(schedule_step(step)), device))
+            out_of_time = position >= total_steps
+            factor = _warmup_cosine(position, total_steps, warmup, min_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
         loss_value = dist_ctx.mean(float(loss.detach()), device)
         bar.update(1)
         if main:
@@ -1015,19 +1051,22 @@ def _train(cfg: dict[str, Any], dist_ctx: _Dist, stop_after: int | None) -> Trai
             bar.set_postfix(loss=f"{loss_value:.4f}")
         if val_every and step % val_every == 0 and step < total_steps:
             run_validation(step)
+        if out_of_time:
+            break
         if main and ckpt_every and step % ckpt_every == 0 and step < end_step:
-            _save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, cfg)
+            _save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, cfg, elapsed_s())
     bar.close()
 
     checkpoint: Path | None = None
-    if step >= total_steps:
+    if step >= total_steps or out_of_time:
         run_validation(step)
         if main:
-            _save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, cfg)
+            spent = elapsed_s()
+            _save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, cfg, spent)
             checkpoint = out_dir / "model.pt"
-            save_checkpoint(model, checkpoint, extra={"training": _train_info(cfg, step)})
+            save_checkpoint(model, checkpoint, extra={"training": _train_info(cfg, step, spent)})
     elif main:
-        _save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, cfg)
+        _save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, cfg, elapsed_s())
         checkpoint = ckpt_path
     if writer is not None:
         writer.close()
