@@ -31,7 +31,7 @@ test: install
 
 # Not part of CI: retrain the built-in weights (about 30 minutes on a 2-core CPU; DEVICE=cuda on a GPU)
 train-builtin: install
-	DEVICE=$${DEVICE:-cpu} bash scripts/train_builtin.sh
+	PY=$(BIN)/python DEVICE=$${DEVICE:-auto} bash scripts/train_builtin.sh
 
 bench: install
 	$(BIN)/python bench/heads.py

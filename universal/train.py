@@ -826,14 +826,18 @@ def train(config: Mapping[str, Any] | str | os.PathLike, *, stop_after: int | No
     t = cfg["train"]
     dist_ctx = _Dist.from_env(t["device"])
     previous_det = torch.are_deterministic_algorithms_enabled()
+    previous_bench = torch.backends.cudnn.benchmark
     try:
         if t["deterministic"]:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
+        else:  # fixed patch size: let cuDNN pick its fastest convolutions once
+            torch.backends.cudnn.benchmark = True
         return _train(cfg, dist_ctx, stop_after)
     finally:
         torch.use_deterministic_algorithms(previous_det)
+        torch.backends.cudnn.benchmark = previous_bench
         dist_ctx.close()
 
 
@@ -1043,7 +1047,7 @@ def _train(cfg: dict[str, Any], dist_ctx: _Dist, stop_after: int | None) -> Trai
                 "pairs": int(available.sum()),
             }
             history.append({"step": step, "loss": loss_value, "lr": lr})
-            if step % log_every == 0 or step == end_step:
+            if step % log_every == 0 or step == end_step or out_of_time:
                 train_log.write(row)
                 if writer is not None:
                     writer.add_scalar("train/loss", loss_value, step)
