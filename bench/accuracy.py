@@ -15,6 +15,10 @@ Classes absent from the reference are marked; their score is 1 when the model al
 they are left out of the "mean over present classes". No FLARE z-crop is applied (plain per-class scores).
 
 Usage: ``python bench/accuracy.py [--weights builtin] [--json results.json] [--skip-phantom]``
+
+``--compare NAME=CHECKPOINT ...`` evaluates several models on the same cases and prints two comparison tables
+instead: mean DSC / NSD per case and model, and per-class DSC on the held-out scan (the model card's ablation, e.g.
+``--compare real_only=runs/builtin/round1_real/model.pt round1=runs/builtin/round1/model.pt``).
 """
 
 from __future__ import annotations
@@ -169,6 +173,35 @@ def run(weights: str = "builtin", skip_phantom: bool = False) -> list[dict[str, 
     return results
 
 
+def compare_tables(by_model: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown: mean DSC / NSD per (model, case), then per-class DSC of each model on the held-out cases."""
+    names = list(by_model)
+    cases = [r["case"] for r in by_model[names[0]]]
+    out = ["### mean DSC / NSD over present classes", ""]
+    out.append("| model | " + " | ".join(cases) + " |")
+    out.append("|---|" + "---:|" * len(cases))
+    for n in names:
+        cells = {r["case"]: r["mean_present"] for r in by_model[n]}
+        out.append(
+            f"| {n} | "
+            + " | ".join(f"{cells[c]['dsc']:.3f} / {cells[c]['nsd']:.3f}" if c in cells else "-" for c in cases)
+            + " |"
+        )
+    for held in [r for r in by_model[names[0]] if r["note"].startswith("HELD OUT")]:
+        present = [row["class"] for row in held["rows"] if row["present"]]
+        out += ["", f"### {held['case']} (held out): DSC per class", ""]
+        out.append("| class | " + " | ".join(names) + " |")
+        out.append("|---|" + "---:|" * len(names))
+        for c in present:
+            vals = []
+            for n in names:
+                res = next((r for r in by_model[n] if r["case"] == held["case"]), None)
+                row = next((x for x in res["rows"] if x["class"] == c), None) if res else None
+                vals.append(f"{row['dsc']:.3f}" if row else "-")
+            out.append(f"| {c} | " + " | ".join(vals) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -176,11 +209,28 @@ def main() -> None:
     )
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--skip-phantom", action="store_true")
+    ap.add_argument(
+        "--compare", nargs="+", metavar="NAME=CHECKPOINT", help="compare several models in two summary tables"
+    )
     args = ap.parse_args()
     if not DATA.is_dir():
         print(f"skipped: {DATA} is absent (the real CT data live in ../shared/data)")
         return
     t0 = time.perf_counter()
+    if args.compare:
+        pairs = [item.partition("=") for item in args.compare]
+        if any(not sep or not name or not path for name, sep, path in pairs):
+            ap.error("--compare takes NAME=CHECKPOINT items")
+        by_model = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name, _, path in pairs:
+                by_model[name] = run(path, args.skip_phantom)
+        print(f"# Accuracy comparison (universal.segment, fast=True)\n\n{compare_tables(by_model)}\n")
+        print(f"total time {time.perf_counter() - t0:.1f} s")
+        if args.json:
+            Path(args.json).write_text(json.dumps(by_model, indent=2))
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         results = run(args.weights, args.skip_phantom)

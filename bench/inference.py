@@ -218,7 +218,8 @@ def _run_variant(
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"{case}/{variant} failed:\n{proc.stderr[-3000:]}")
+        last = (proc.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise RuntimeError(f"{case}/{variant} failed: {last}\n{proc.stderr[-3000:]}")
     return json.loads((out / "result.json").read_text())
 
 
@@ -303,7 +304,7 @@ def _table(args, weights: str, device: str, tmp: Path) -> None:
                 ]
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 print(
-                    f"| {case} | {variant} | failed: {str(exc).splitlines()[0][:120]} ||||||||||", flush=True
+                    f"| {case} | {variant} | failed: {str(exc).splitlines()[0][:200]} ||||||||||", flush=True
                 )
                 continue
             results[variant] = r = dict(min(runs, key=lambda x: x["wall_s"]))

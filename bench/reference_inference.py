@@ -136,12 +136,13 @@ def reference_segment(
     patch = (int(patch_size),) * 3 if np.isscalar(patch_size) else tuple(int(v) for v in patch_size)  # type: ignore[union-attr]
     window = tuple(float(v) for v in prep.get("window", (-175.0, 250.0)))
     prepared = preprocess(volume, PreprocessConfig(spacing_mm=spacing_mm, hu_window=window))  # type: ignore[arg-type]
-    x = torch.from_numpy(prepared.array)[None, None]
+    dev = next(model.parameters()).device  # the reference keeps volume, windows and accumulator on that device
+    x = torch.from_numpy(prepared.array)[None, None].to(dev)
     with torch.no_grad():
         logits = sliding_window_inference(
             x, patch, 1, _LoopHeadsPredictor(model), overlap=overlap, mode="gaussian"
         )
-        probs = torch.sigmoid(logits)[0]  # (K, X', Y', Z') float32, all classes
+        probs = torch.sigmoid(logits)[0].cpu()  # (K, X', Y', Z') float32, all classes
     names = list(model.class_names)
     wanted = names if classes is None else list(classes)
     masks_prep = {n: (probs[names.index(n)] >= threshold).numpy() for n in wanted}

@@ -717,7 +717,7 @@ print(emb_onehot.shape, "identity similarity:", np.array_equal(sim_onehot, np.ey
 ## 2.4 From an embedding to a segmentation head: the controller
 
 We take the project's built-in model (`universal.load_pretrained("builtin")`: SegResNet, MiniLM prompts; its
-weights are a first, weak CPU-trained version, which does not matter for looking at the mechanics) and run one
+weights are a small, weak model trained in minutes, which does not matter for looking at the mechanics) and run one
 CT patch through it step by step:
 
 * backbone → bottleneck features → `GAP` → global image feature `f` (256);
@@ -1483,7 +1483,7 @@ From a CT file to masks, volumes, metrics and timings:
 5. efficiency: the timing breakdown `Segmentation.timings` returns, and memory.
 
 **About the numbers.** The model is the project's built-in one (`universal/resources/builtin.pt`, see
-`MODEL_CARD.md`): a first CPU-trained version whose accuracy is far below the paper's. This notebook reports what
+`MODEL_CARD.md`): a small model trained in 8 GPU-minutes whose accuracy is far below the paper's. This notebook reports what
 it gets, honestly, and asserts no accuracy. The reference labels of these scans are themselves TotalSegmentator
 output, not manual annotations. Research software: not for clinical use.
 """),

@@ -2,7 +2,7 @@
 # Train the built-in model end to end and package it as universal/resources/builtin.pt (float16 weights).
 #
 #   make train-builtin                          # on this machine's device (cuda when available)
-#   DEVICE=cuda ABLATION=1 make train-builtin   # what made the shipped weights: one H100, about 8 minutes
+#   DEVICE=cuda ABLATION=1 make train-builtin   # what made the shipped weights: one H200, about 8.5 minutes
 #   DEVICE=cpu BUDGET1=3600 BUDGET2=1800 make train-builtin   # a CPU needs far more time for a usable model
 #
 # 1. round 1: universal train configs/builtin.yaml (real partially labeled CT + phantom cases + synthesis),
@@ -23,7 +23,7 @@ DEVICE=${DEVICE:-auto}
 RUNS=${RUNS:-runs/builtin}
 MANIFEST=${MANIFEST:-configs/builtin_manifest.json}
 UNLABELED=${UNLABELED:-configs/builtin_unlabeled.json}
-BUDGET1=${BUDGET1:-240}
+BUDGET1=${BUDGET1:-250}
 BUDGET2=${BUDGET2:-170}
 WORKERS=${WORKERS:-6}
 ABLATION=${ABLATION:-0}
