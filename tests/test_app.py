@@ -170,11 +170,12 @@ def test_compare_prompt_templates():
 
 
 @pytest.mark.slow
-def test_real_sample_marks_classes_the_reference_does_not_annotate(shared_data):
+@pytest.mark.parametrize("sample", ["ts_abdomen_3mm", "ts_dicom_series"])
+def test_real_sample_marks_classes_the_reference_does_not_annotate(shared_data, sample):
     at = _app().run()
-    at.selectbox(key="sample").set_value("ts_abdomen_3mm").run()
+    at.selectbox(key="sample").set_value(sample).run()
     _no_exception(at)
-    assert not at.error and at.session_state["input"]["id"] == "sample:ts_abdomen_3mm"
+    assert not at.error and at.session_state["input"]["id"] == f"sample:{sample}"
     at.multiselect(key="classes").set_value(["liver", "spleen", "liver tumor"])
     at.button(key="run").click().run()
     _no_exception(at)

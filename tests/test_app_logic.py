@@ -58,6 +58,17 @@ def test_load_real_sample_with_totalsegmentator_reference(shared_data):
     assert np.argwhere(liver)[:, 0].mean() > np.argwhere(spleen)[:, 0].mean()
 
 
+def test_held_out_dicom_sample_with_reference(shared_data):
+    root = Path(__file__).resolve().parents[1]
+    keys = [s.key for s in al.list_samples(root=root)]
+    assert keys == ["phantom", "ts_abdomen_3mm", "ts_dicom_series"]
+    data = al.load_sample("ts_dicom_series", root=root)
+    assert data.sample.ct.name == "dicom" and data.volume.array.ndim == 3
+    assert {"liver", "spleen"} <= set(data.classes)  # present in its reference
+    assert "held out" in data.sample.label
+    assert all(m.shape == data.volume.shape for m in data.gt_masks.values())
+
+
 # ------------------------------------------------------------------------------------------------ ground truth
 def _vol(shape=(12, 10, 8)):
     ct = np.random.default_rng(0).normal(0, 50, shape).astype(np.float32)

@@ -28,6 +28,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 """The project root (the folder holding ``app.py``); samples are found relative to it."""
 
 REAL_SAMPLE_DIR = Path("..") / "shared" / "data" / "ts_abdomen_3mm"
+HELD_OUT_SAMPLE_DIR = Path("..") / "shared" / "data" / "ts_dicom_series"
 """Where the optional real CT sample lives, relative to the project root."""
 
 DEMO_MODEL = "demo"
@@ -64,7 +65,8 @@ class SampleData:
 
 
 def list_samples(root: str | os.PathLike | None = None) -> list[Sample]:
-    """The built-in samples: always the synthetic phantom, plus the real CT of ``../shared/data`` when present.
+    """The built-in samples: always the synthetic phantom, plus real CTs of ``../shared/data`` when present (the
+    built-in model's training scan, and a held-out DICOM series).
 
     Args:
         root: The project root (default: the folder holding ``app.py``).
@@ -88,7 +90,23 @@ def list_samples(root: str | os.PathLike | None = None) -> list[Sample]:
                 ct=ct,
                 gt=gt if gt.is_file() else None,
                 gt_dataset="totalsegmentator_v2" if gt.is_file() else None,
-                description="TotalSegmentator test CT (CC-BY); its reference labels are themselves model output.",
+                description="TotalSegmentator test CT (CC-BY); its reference labels are themselves model output. "
+                "The built-in model was trained on this scan: its scores here are not a validation.",
+            )
+        )
+    held = root / HELD_OUT_SAMPLE_DIR
+    if (held / "dicom").is_dir():
+        gt = held / "labels_totalseg.nii.gz"
+        samples.append(
+            Sample(
+                "ts_dicom_series",
+                "Real abdominal CT, DICOM series (held out from the built-in model's training)",
+                ct=held / "dicom",
+                gt=gt if gt.is_file() else None,
+                gt_dataset="totalsegmentator_v2" if gt.is_file() else None,
+                description="Another patient's contrast-enhanced CT as a DICOM series (CC-BY; TotalSegmentator "
+                "labels as reference). Never used to train or tune the built-in model: its scores here are "
+                "what to expect on unseen scans (MODEL_CARD.md).",
             )
         )
     return samples
