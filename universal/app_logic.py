@@ -28,8 +28,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 """The project root (the folder holding ``app.py``); samples are found relative to it."""
 
 REAL_SAMPLE_DIR = Path("..") / "shared" / "data" / "ts_abdomen_3mm"
+"""Where the optional real CT sample (the built-in model's training scan) lives, relative to the project root."""
+
 HELD_OUT_SAMPLE_DIR = Path("..") / "shared" / "data" / "ts_dicom_series"
-"""Where the optional real CT sample lives, relative to the project root."""
+"""Where the optional held-out real CT sample (a DICOM series in ``dicom/``) lives, relative to the project root."""
 
 DEMO_MODEL = "demo"
 """Key of the untrained demo model (random weights) offered when no trained weights are available."""
@@ -79,36 +81,39 @@ def list_samples(root: str | os.PathLike | None = None) -> list[Sample]:
             description="A deterministic synthetic abdominal CT with 14+ labelled structures (seed 0).",
         )
     ]
-    real = root / REAL_SAMPLE_DIR
-    ct = real / "ct.nii.gz"
-    if ct.is_file():
-        gt = real / "labels_totalseg.nii.gz"
-        samples.append(
-            Sample(
-                "ts_abdomen_3mm",
-                "Real abdominal CT (122×101×30, 3 mm; TotalSegmentator labels as reference)",
-                ct=ct,
-                gt=gt if gt.is_file() else None,
-                gt_dataset="totalsegmentator_v2" if gt.is_file() else None,
-                description="TotalSegmentator test CT (CC-BY); its reference labels are themselves model output. "
-                "The built-in model was trained on this scan: its scores here are not a validation.",
+    real_samples = [  # (key, folder, CT inside it, label, description); labels: TotalSegmentator v2 ids
+        (
+            "ts_abdomen_3mm",
+            REAL_SAMPLE_DIR,
+            "ct.nii.gz",
+            "Real abdominal CT (122×101×30, 3 mm; TotalSegmentator labels as reference)",
+            "TotalSegmentator test CT (CC-BY); its reference labels are themselves model output. "
+            "The built-in model was trained on this scan: its scores here are not a validation.",
+        ),
+        (
+            "ts_dicom_series",
+            HELD_OUT_SAMPLE_DIR,
+            "dicom",
+            "Real abdominal CT, DICOM series (held out from the built-in model's training)",
+            "Another patient's contrast-enhanced CT as a DICOM series (CC-BY; TotalSegmentator labels as "
+            "reference). Never used to train or tune the built-in model: its scores here are what to expect on "
+            "unseen scans (MODEL_CARD.md).",
+        ),
+    ]
+    for key, folder, ct_name, label, description in real_samples:
+        ct, gt = root / folder / ct_name, root / folder / "labels_totalseg.nii.gz"
+        if ct.exists():
+            has_gt = gt.is_file()
+            samples.append(
+                Sample(
+                    key,
+                    label,
+                    ct=ct,
+                    gt=gt if has_gt else None,
+                    gt_dataset="totalsegmentator_v2" if has_gt else None,
+                    description=description,
+                )
             )
-        )
-    held = root / HELD_OUT_SAMPLE_DIR
-    if (held / "dicom").is_dir():
-        gt = held / "labels_totalseg.nii.gz"
-        samples.append(
-            Sample(
-                "ts_dicom_series",
-                "Real abdominal CT, DICOM series (held out from the built-in model's training)",
-                ct=held / "dicom",
-                gt=gt if gt.is_file() else None,
-                gt_dataset="totalsegmentator_v2" if gt.is_file() else None,
-                description="Another patient's contrast-enhanced CT as a DICOM series (CC-BY; TotalSegmentator "
-                "labels as reference). Never used to train or tune the built-in model: its scores here are "
-                "what to expect on unseen scans (MODEL_CARD.md).",
-            )
-        )
     return samples
 
 

@@ -242,10 +242,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config.setdefault("train", {})["resume"] = args.resume
     for item in args.set or []:
         section, key, value = _parse_override(item)
-        config.setdefault(section, {})
-        if config[section] is None:
-            config[section] = {}
-        config[section][key] = value
+        config[section] = {**(config.get(section) or {}), key: value}
     result = train(config)
     print(f"checkpoint: {result.checkpoint}")
     return EXIT_OK
@@ -265,8 +262,6 @@ def _cmd_pseudo(args: argparse.Namespace) -> int:
         args.manifest,
         model,
         args.output,
-        threshold=args.threshold,
-        min_confidence=args.min_confidence,
         config=config,
         device=args.device,
         fast=args.fast,

@@ -367,7 +367,6 @@ def sliding_window_predict(
     threshold: float = 0.5,
     return_probabilities: bool = False,
     progress: Callable[[float], None] | None = None,
-    accumulate_dtype=None,
     precision: str = "float32",
 ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
     """Gaussian-weighted sliding-window prediction of a preprocessed volume, thresholded slab by slab.
@@ -389,8 +388,6 @@ def sliding_window_predict(
         threshold: Probability threshold of the masks.
         return_probabilities: Also return float16 sigmoid probabilities.
         progress: ``callback(fraction of windows done)``.
-        accumulate_dtype: dtype of the rolling slab of weighted logit sums (default ``torch.float32``, MONAI's
-            arithmetic; ``torch.float16`` halves the slab at the cost of exact equality).
         precision: Autocast dtype of the forward passes (see :func:`segment`; default ``"float32"``: no autocast,
             MONAI's arithmetic).
 
@@ -429,8 +426,7 @@ def sliding_window_predict(
     depth = max(max(w[2] for w in b) + patch[2] - b[0][2] for b in batches)
 
     weight = gaussian_weights(patch).to(device)
-    acc_dtype = torch.float32 if accumulate_dtype is None else accumulate_dtype
-    acc = torch.zeros((k, full[0], full[1], depth), dtype=acc_dtype, device=device)
+    acc = torch.zeros((k, full[0], full[1], depth), dtype=torch.float32, device=device)
     wsum = torch.zeros((full[0], full[1], depth), dtype=torch.float32, device=device)
 
     masks = [np.zeros(shape, dtype=bool) for _ in range(k)]

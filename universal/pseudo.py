@@ -416,31 +416,13 @@ def pseudo_label(
             rows[n] = row
         if not gt_masks and not accepted:  # nothing to store: the case stays unlabeled (training skips it)
             new_cases.append(case)
-            reports.append(
-                {
-                    "case": case.name,
-                    "dataset": case.dataset,
-                    "label": str(case.label) if case.label else None,
-                    "classes": rows,
-                    "flags": ["no pseudo-label accepted: the case stays unlabeled"],
-                    "review": True,
-                }
-            )
+            reports.append(_unchanged_case_report(case, rows, "no pseudo-label accepted: the case stays unlabeled"))
             continue
         try:
             label, final = merge_with_ground_truth(gt_masks, accepted, volume.affine, names)
-        except UnstorableGroundTruth as exc:
-            new_cases.append(case)  # kept as it was: never trade ground truth for pseudo-labels
-            reports.append(
-                {
-                    "case": case.name,
-                    "dataset": case.dataset,
-                    "label": str(case.label) if case.label else None,
-                    "classes": rows,
-                    "flags": [f"not pseudo-labelled: {exc}"],
-                    "review": True,
-                }
-            )
+        except UnstorableGroundTruth as exc:  # kept as it was: never trade ground truth for pseudo-labels
+            new_cases.append(case)
+            reports.append(_unchanged_case_report(case, rows, f"not pseudo-labelled: {exc}"))
             continue
         for n, row in rows.items():
             m = final.get(n)
@@ -512,6 +494,18 @@ def _json_safe(v: Any) -> Any:
     if isinstance(v, (np.floating, np.integer)):
         return _json_safe(v.item())
     return v
+
+
+def _unchanged_case_report(case: Any, rows: dict[str, dict[str, Any]], flag: str) -> dict[str, Any]:
+    """The report entry of a case left as it was (flagged for review)."""
+    return {
+        "case": case.name,
+        "dataset": case.dataset,
+        "label": str(case.label) if case.label else None,
+        "classes": rows,
+        "flags": [flag],
+        "review": True,
+    }
 
 
 def _write_report(out: Path, report: Mapping[str, Any]) -> None:

@@ -991,17 +991,17 @@ def _train(cfg: dict[str, Any], dist_ctx: _Dist, stop_after: int | None) -> Trai
         bar.set_postfix_str(f"val DSC {mean:.3f}")
 
     budget = t["time_budget_s"]
-    warmup, min_ratio = int(o["warmup_steps"]), float(o["min_lr_ratio"])
     loop_start = time.perf_counter()
 
     def elapsed_s() -> float:
         return prior_elapsed + (time.perf_counter() - loop_start)
 
-    def schedule_step(step: int) -> int:
-        """The schedule's position: the step, or further along when the time budget runs faster."""
+    def schedule_position(step: int) -> int:
+        """Where the schedule stands after ``step`` steps: the step, or further along when the time budget runs
+        out faster (averaged over ranks, so every rank follows the same schedule)."""
         if budget is None:
             return step
-        return max(step, int(elapsed_s() / budget * total_steps))
+        return int(dist_ctx.mean(float(max(step, int(elapsed_s() / budget * total_steps))), device))
 
     model.train()
     step = start_step
@@ -1026,14 +1026,11 @@ def _train(cfg: dict[str, Any], dist_ctx: _Dist, stop_after: int | None) -> Trai
         scaler.step(optimizer)
         scaler.update()
         lr = float(optimizer.param_groups[0]["lr"])
-        scheduler.step()
         step += 1
-        if budget is not None:  # the time budget moves the schedule (same on every rank: rank 0's clock)
-            position = int(dist_ctx.mean(float(schedule_step(step)), device))
-            out_of_time = position >= total_steps
-            factor = _warmup_cosine(position, total_steps, warmup, min_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
+        position = schedule_position(step)
+        out_of_time = budget is not None and position >= total_steps
+        scheduler.last_epoch = position - 1  # step() advances it to `position` and sets that position's lr
+        scheduler.step()
         loss_value = dist_ctx.mean(float(loss.detach()), device)
         bar.update(1)
         if main:
