@@ -6,8 +6,10 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 DEMO_OUT ?= outputs/demo
+# the tutorials: each notebooks/NN_name.py (Jupytext percent source) is paired with notebooks/NN_name.ipynb
+NOTEBOOKS_PY := $(wildcard notebooks/[0-9][0-9]_*.py)
 
-.PHONY: demo test install lint format clean train-builtin bench
+.PHONY: demo test install lint format notebooks clean train-builtin bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,7 +28,7 @@ demo: install
 
 test: install
 	bash scripts/ensure_chromium.sh
-	$(BIN)/ruff check universal tests bench app.py
+	$(BIN)/ruff check universal tests bench app.py $(NOTEBOOKS_PY)
 	$(BIN)/python -m pytest -q
 
 # Not part of CI: retrain the built-in weights (about 30 minutes on a 2-core CPU; DEVICE=cuda on a GPU)
@@ -40,12 +42,21 @@ bench: install
 	$(BIN)/python bench/accuracy.py
 
 lint: install
-	$(BIN)/ruff check universal tests bench
-	$(BIN)/ruff format --check universal tests bench
+	$(BIN)/ruff check universal tests bench $(NOTEBOOKS_PY)
+	$(BIN)/ruff format --check universal tests bench $(NOTEBOOKS_PY)
 
-format: install
+format: notebooks
 	$(BIN)/ruff format universal tests bench
-	$(BIN)/ruff check --fix universal tests bench
+	$(BIN)/ruff check --fix universal tests bench $(NOTEBOOKS_PY)
+	$(BIN)/jupytext --quiet --sync $(NOTEBOOKS_PY)
+
+# After editing a tutorial (its .py, or its .ipynb in Jupyter): sync each pair (the newer file wins), format the
+# .py with ruff, sync again, and strip outputs from the .ipynb (tests/test_notebooks.py checks all of this)
+notebooks: install
+	$(BIN)/jupytext --quiet --sync $(NOTEBOOKS_PY)
+	$(BIN)/ruff format --quiet $(NOTEBOOKS_PY)
+	$(BIN)/jupytext --quiet --sync $(NOTEBOOKS_PY)
+	$(BIN)/jupyter nbconvert --clear-output --inplace --log-level WARN $(NOTEBOOKS_PY:.py=.ipynb)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

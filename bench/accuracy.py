@@ -1,6 +1,6 @@
 """Benchmark: accuracy of the built-in model (or any checkpoint) on real CT held out from its training, and on the phantom.
 
-Segments, with ``universal.segment(..., fast=True)``:
+Segments, with ``universal.Predictor(weights, fast=True)`` (one Predictor for every case):
 
 1. **held out** ``../shared/data/ts_dicom_series/dicom`` (a real 20-slice DICOM series; reference
    ``labels_totalseg.nii.gz``, TotalSegmentator v2 ids, mapped with the ``totalsegmentator_v2`` dataset map);
@@ -9,10 +9,12 @@ Segments, with ``universal.segment(..., fast=True)``:
 3. the phantom (``universal.phantom.make_phantom()`` defaults, every class it draws);
 4. **seen in training** ``../shared/data/ts_abdomen_3mm`` (for reference only: this is the training scan).
 
-Prints one markdown table per case: DSC and NSD per model class, NSD tolerance from the FLARE 2023 table for its
-13 organs (liver 5 mm, kidneys/spleen 3 mm, ...) and 2 mm otherwise (``universal.metrics.DEFAULT_TOLERANCE_MM``).
-Classes absent from the reference are marked; their score is 1 when the model also predicts nothing, else 0, and
-they are left out of the "mean over present classes". No FLARE z-crop is applied (plain per-class scores).
+Scores come from the evaluation layer (``universal.evaluation.evaluate``, generic rules): the model's classes that
+the reference annotates. Prints one markdown table per case: DSC and NSD per class, NSD tolerance from the FLARE
+2023 table for its 13 organs (liver 5 mm, kidneys/spleen 3 mm, ...) and 2 mm otherwise
+(``universal.metrics.DEFAULT_TOLERANCE_MM``). Classes absent from the reference are marked; their score is 1 when
+the model also predicts nothing, else 0, and they are left out of the "mean over present classes". No FLARE z-crop
+is applied (plain per-class scores).
 
 Usage: ``python bench/accuracy.py [--weights builtin] [--json results.json] [--skip-phantom]``
 
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 import warnings
 from pathlib import Path
@@ -37,54 +38,32 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
 
-def _tolerances(classes: list[str]) -> dict[str, float]:
-    from universal import taxonomy
-    from universal.metrics import DEFAULT_TOLERANCE_MM
+def _evaluate(name: str, seg: Any, reference: Any, note: str) -> dict[str, Any]:
+    """Score ``seg`` with the evaluation layer (the classes segmented that the reference annotates, generic rules)."""
+    from universal.evaluation import evaluate
 
-    flare = {name: taxonomy.FLARE23.tolerances_mm[i] for i, name in taxonomy.FLARE23.classes.items()}
-    return {c: float(flare.get(c, DEFAULT_TOLERANCE_MM)) for c in classes}
-
-
-def _evaluate(
-    name: str, seg: Any, gt: dict[str, np.ndarray], annotated: list[str], spacing: Any, note: str
-) -> dict[str, Any]:
-    from universal.metrics import evaluate_case
-
-    classes = list(seg.masks)
-    ann = [c for c in classes if c in annotated]
-    result = evaluate_case(
-        {c: seg.masks[c] for c in classes},
-        {c: gt[c] for c in ann if c in gt},
-        spacing,
-        classes=ann,
-        annotated=ann,
-        tolerance_mm=_tolerances(ann),
-        name=name,
-    )
+    result = evaluate(seg, reference, name=name)
     rows = []
-    for c in ann:
-        s = result[c]
+    for c in result.scored:
+        s, gt = result[c], reference.masks.get(c)
         rows.append(
             {
                 "class": c,
                 "dsc": float(s.dsc),
                 "nsd": float(s.nsd),
                 "tolerance_mm": float(s.tolerance_mm),
-                "present": bool(gt.get(c) is not None and np.any(gt[c])),
-                "ref_voxels": int(np.count_nonzero(gt[c])) if c in gt else 0,
+                "present": bool(gt is not None and np.any(gt)),
+                "ref_voxels": int(np.count_nonzero(gt)) if gt is not None else 0,
                 "pred_voxels": int(np.count_nonzero(seg.masks[c])),
             }
         )
-    present = [r for r in rows if r["present"]]
-    mean = {
-        "dsc": float(np.mean([r["dsc"] for r in present])) if present else math.nan,
-        "nsd": float(np.mean([r["nsd"] for r in present])) if present else math.nan,
-    }
+    mean = result.mean([r["class"] for r in rows if r["present"]])
     return {
         "case": name,
         "note": note,
         "rows": rows,
         "mean_present": mean,
+        "skipped": dict(result.skipped),
         "seconds": seg.timings.get("total"),
     }
 
@@ -107,65 +86,48 @@ def _table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _ts_case(image: Path, label: Path, model: Any, name: str, note: str) -> dict[str, Any]:
-    import universal
-    from universal import taxonomy
-    from universal.io import load_label, load_volume
+def _ts_case(image: Path, label: Path, predictor: Any, name: str, note: str) -> dict[str, Any]:
+    from universal.evaluation import read_reference
+    from universal.io import load_volume
 
     vol = load_volume(image)
-    ds = taxonomy.dataset("totalsegmentator_v2")
-    lab = load_label(label, like=vol)
-    classes = list(model.class_names)
-    masks = taxonomy.transfer_labels(lab, ds, vol.affine, classes=classes)
-    gt = dict(zip(classes, masks))
-    seg = universal.segment(vol, classes, model=model, fast=True)
-    return _evaluate(name, seg, gt, [c for c in classes if ds.annotates(c)], vol.spacing, note)
+    reference = read_reference(label, "totalsegmentator_v2", like=vol)
+    return _evaluate(name, predictor.predict(vol), reference, note)
 
 
 def run(weights: str = "builtin", skip_phantom: bool = False) -> list[dict[str, Any]]:
-    import universal
-    from universal.io import load_label, load_volume
-    from universal.model import load_pretrained
+    from universal.evaluation import read_reference
+    from universal.io import load_volume
+    from universal.predictor import Predictor
 
-    model = load_pretrained(weights)
-    classes = list(model.class_names)
+    predictor = Predictor(weights, fast=True)  # every class of the model, its spec's settings, 3 mm
+    classes = predictor.classes
     results = []
     dicom = DATA / "ts_dicom_series"
     if dicom.is_dir():
         results.append(
-            _ts_case(dicom / "dicom", dicom / "labels_totalseg.nii.gz", model, "ts_dicom_series", "HELD OUT")
+            _ts_case(dicom / "dicom", dicom / "labels_totalseg.nii.gz", predictor, "ts_dicom_series", "HELD OUT")
         )
     dcmqi = DATA / "dcmqi_liver_3slice"
     if dcmqi.is_dir() and "liver" in classes:
         vol = load_volume(dcmqi)
-        lab = load_label(dcmqi / "liver_seg.nrrd", like=vol)
-        seg = universal.segment(vol, classes, model=model, fast=True)
-        results.append(
-            _evaluate(
-                "dcmqi_liver_3slice",
-                seg,
-                {"liver": lab > 0},
-                ["liver"],
-                vol.spacing,
-                "HELD OUT, 3 slices, liver only",
-            )
-        )
+        reference = read_reference(dcmqi / "liver_seg.nrrd", "dcmqi_liver", like=vol)
+        seg = predictor.predict(vol)
+        results.append(_evaluate("dcmqi_liver_3slice", seg, reference, "HELD OUT, 3 slices, liver only"))
     if not skip_phantom:
         from universal.phantom import make_phantom
 
         ph = make_phantom()
-        seg = universal.segment(ph.volume, classes, model=model, fast=True)
-        gt = {c: np.asarray(ph.masks[c], bool) for c in classes if c in ph.masks}
-        results.append(
-            _evaluate("phantom", seg, gt, list(gt), ph.volume.spacing, "synthetic, make_phantom() defaults")
-        )
+        seg = predictor.predict(ph.volume)
+        reference = read_reference(ph.masks, like=ph.volume)
+        results.append(_evaluate("phantom", seg, reference, "synthetic, make_phantom() defaults"))
     abd = DATA / "ts_abdomen_3mm"
     if abd.is_dir():
         results.append(
             _ts_case(
                 abd / "ct.nii.gz",
                 abd / "labels_totalseg.nii.gz",
-                model,
+                predictor,
                 "ts_abdomen_3mm",
                 "SEEN IN TRAINING - reference only, not a validation",
             )
@@ -184,7 +146,9 @@ def compare_tables(by_model: dict[str, list[dict[str, Any]]]) -> str:
         cells = {r["case"]: r["mean_present"] for r in by_model[n]}
         out.append(
             f"| {n} | "
-            + " | ".join(f"{cells[c]['dsc']:.3f} / {cells[c]['nsd']:.3f}" if c in cells else "-" for c in cases)
+            + " | ".join(
+                f"{cells[c]['dsc']:.3f} / {cells[c]['nsd']:.3f}" if c in cells else "-" for c in cases
+            )
             + " |"
         )
     for held in [r for r in by_model[names[0]] if r["note"].startswith("HELD OUT")]:
@@ -226,7 +190,7 @@ def main() -> None:
             warnings.simplefilter("ignore")
             for name, _, path in pairs:
                 by_model[name] = run(path, args.skip_phantom)
-        print(f"# Accuracy comparison (universal.segment, fast=True)\n\n{compare_tables(by_model)}\n")
+        print(f"# Accuracy comparison (universal.Predictor, fast=True)\n\n{compare_tables(by_model)}\n")
         print(f"total time {time.perf_counter() - t0:.1f} s")
         if args.json:
             Path(args.json).write_text(json.dumps(by_model, indent=2))
@@ -234,7 +198,7 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         results = run(args.weights, args.skip_phantom)
-    print(f"# Accuracy of `{args.weights}` (universal.segment, fast=True)\n")
+    print(f"# Accuracy of `{args.weights}` (universal.Predictor, fast=True)\n")
     for res in results:
         print(_table(res))
         print()

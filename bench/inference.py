@@ -171,13 +171,12 @@ def worker(case: str, variant: str, weights: str, device: str | None, out: Path)
         with torch.inference_mode():
             masks = reference_segment(volume, model, overlap=0.5)
         timings = {}
-        prep = dict(getattr(model, "preprocessing", None) or {})
-        spacing = float(np.max(prep.get("spacing", 1.5)))
-        patch = prep.get("patch_size", 96)
+        spacing = float(np.max(model.spec.preprocessing.target_spacing()))
+        patch = list(model.spec.inference.patch_size)
     else:
-        from universal.inference import segment
+        from universal.predictor import Predictor
 
-        res = segment(src, model=model, device=device, **VARIANTS[variant])
+        res = Predictor(model, device=device, **VARIANTS[variant]).predict(src)
         masks, timings = res.masks, res.timings
         spacing = float(np.max(res.info["target_spacing_mm"]))
         patch = res.info["patch_size"]
@@ -199,6 +198,7 @@ def worker(case: str, variant: str, weights: str, device: str | None, out: Path)
                 "classes": names,
                 "shape": list(next(iter(masks.values())).shape),
                 "checksum": checksum,
+                "overlap": res.info["overlap"] if variant != "reference" else 0.5,
                 "threads": torch.get_num_threads(),
                 "spacing_mm": spacing,
                 "patch_size": "×".join(str(int(v)) for v in np.broadcast_to(np.asarray(patch), (3,))),
@@ -322,7 +322,9 @@ def _table(args, weights: str, device: str, tmp: Path) -> None:
                 dsc_txt = f"{worst:.4f} ({name}); {present}/{len(b)} classes non-empty"
                 if abs(r["checksum"] - ref["checksum"]) > 1e-6 * max(1.0, abs(ref["checksum"])):
                     dsc_txt += " (weights differ!)"
-            overlap = VARIANTS[variant].get("overlap", 0.5 if variant == "reference" else 0.25)
+            overlap = r.get(
+                "overlap", "?"
+            )  # what the run used (the spec's default unless the variant sets it)
             gpu = f"{r['gpu_peak_mb']:.0f}" if r.get("gpu_peak_mb") is not None else "—"
             t = r["timings"]
             stages = (

@@ -119,24 +119,32 @@ def reference_segment(
     """Masks on the source grid, computed the reference way (see the module docstring).
 
     All of the model's classes are computed and accumulated; ``classes`` only selects what is returned.
-    ``patch_size`` and ``spacing_mm`` default to the model's recorded preprocessing (else 96³ and 1.5 mm).
+    ``patch_size`` and ``spacing_mm`` default to the model's spec (its training window and spacing).
     """
     from monai.inferers import sliding_window_inference
 
     from universal.preprocess import PreprocessConfig, preprocess
 
     model = model.eval()
-    prep = dict(getattr(model, "preprocessing", None) or {})
+    spec = model.spec  # what the weights expect (universal.spec.ModelSpec)
     if spacing_mm is None:
-        spacing_mm = prep.get("spacing", 1.5)
+        spacing_mm = spec.preprocessing.target_spacing()
     if not np.isscalar(spacing_mm):
         spacing_mm = tuple(float(v) for v in spacing_mm)  # type: ignore[union-attr]
     if patch_size is None:
-        patch_size = prep.get("patch_size", 96)
+        patch_size = spec.inference.patch_size
     patch = (int(patch_size),) * 3 if np.isscalar(patch_size) else tuple(int(v) for v in patch_size)  # type: ignore[union-attr]
-    window = tuple(float(v) for v in prep.get("window", (-175.0, 250.0)))
-    prepared = preprocess(volume, PreprocessConfig(spacing_mm=spacing_mm, hu_window=window))  # type: ignore[arg-type]
-    dev = next(model.parameters()).device  # the reference keeps volume, windows and accumulator on that device
+    prepared = preprocess(
+        volume,
+        PreprocessConfig(
+            spacing_mm=spacing_mm,  # type: ignore[arg-type]
+            hu_window=spec.preprocessing.hu_window,
+            crop_foreground=spec.preprocessing.crop_foreground,
+        ),
+    )
+    dev = next(
+        model.parameters()
+    ).device  # the reference keeps volume, windows and accumulator on that device
     x = torch.from_numpy(prepared.array)[None, None].to(dev)
     with torch.no_grad():
         logits = sliding_window_inference(

@@ -25,6 +25,11 @@ def _app() -> AppTest:
     return AppTest.from_file(str(APP), default_timeout=300)
 
 
+def _state(at: AppTest):
+    """The session's one typed state object (``universal.app_state.DashboardState``)."""
+    return at.session_state["state"]
+
+
 def _no_exception(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
 
@@ -98,7 +103,7 @@ def test_sample_end_to_end_with_cached_results_and_evaluation():
     at.button(key="run").click().run()
     _no_exception(at)
     assert not at.error, [e.value for e in at.error]
-    assert at.session_state["_n_segment_runs"] == 1
+    assert _state(at).n_segment_runs == 1
     assert any("Segmented 5 classes" in s.value for s in at.success)
     assert at.image, "overlay image"
     vols = _frame_with(at, "volume (mL)")
@@ -124,7 +129,7 @@ def test_sample_end_to_end_with_cached_results_and_evaluation():
     at.checkbox(key="show_liver").uncheck().run()
     per_interaction = (time.perf_counter() - t0) / 5
     _no_exception(at)
-    assert at.session_state["_n_segment_runs"] == 1
+    assert _state(at).n_segment_runs == 1
     assert (
         per_interaction < 5.0
     )  # AppTest reruns the whole script; the browser test measures the real latency
@@ -142,7 +147,7 @@ def test_sample_end_to_end_with_cached_results_and_evaluation():
     _no_exception(at)
     generic = _frame_with(at, "dsc")
     assert set(generic["class"]) == set(SAMPLE_CLASSES)
-    assert at.session_state["_n_segment_runs"] == 1
+    assert _state(at).n_segment_runs == 1
 
     # downloads exist: labels, masks zip, report.json and the metrics CSV
     _open_tab(at, "Download")
@@ -161,7 +166,7 @@ def test_compare_prompt_templates():
     at.button(key="run_b").click().run()
     _no_exception(at)
     assert not at.error, [e.value for e in at.error]
-    assert at.session_state["_n_segment_runs"] == 2
+    assert _state(at).n_segment_runs == 2
     table = _frame_with(at, "DSC(A,B)")
     assert list(table["class"]) == ["liver", "spleen"]
     assert table["DSC(A,B)"].between(0, 1).all()
@@ -175,7 +180,7 @@ def test_real_sample_marks_classes_the_reference_does_not_annotate(shared_data, 
     at = _app().run()
     at.selectbox(key="sample").set_value(sample).run()
     _no_exception(at)
-    assert not at.error and at.session_state["input"]["id"] == f"sample:{sample}"
+    assert not at.error and _state(at).input.id == f"sample:{sample}"
     at.multiselect(key="classes").set_value(["liver", "spleen", "liver tumor"])
     at.button(key="run").click().run()
     _no_exception(at)
@@ -220,7 +225,7 @@ def test_missing_server_path_is_a_readable_error(tmp_path):
 
 def test_two_sessions_do_not_share_uploads_or_results(bad_inputs):
     a, b = _app().run(), _app().run()
-    fa, fb = a.session_state["_folder"], b.session_state["_folder"]
+    fa, fb = _state(a).folder, _state(b).folder
     assert fa.path != fb.path
     a.radio(key="source").set_value("Upload a file").run()
     f = bad_inputs["flat"]
@@ -228,6 +233,6 @@ def test_two_sessions_do_not_share_uploads_or_results(bad_inputs):
     assert (fa.path / "uploads" / f.name).is_file()
     assert not any(fb.path.rglob("*.nii.gz"))
     b.run()
-    assert not b.error and b.session_state["input"]["id"] == "sample:phantom"
+    assert not b.error and _state(b).input.id == "sample:phantom"
     fa.close()
     assert not fa.path.exists()

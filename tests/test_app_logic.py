@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from universal import app_logic as al
+from universal import dashboard as dash
+from universal.app_state import (
+    CompareRecord,
+    DashboardState,
+    EvaluationRecord,
+    GroundTruthRecord,
+    InputRecord,
+    MeshRecord,
+    RunRecord,
+    RunSettings,
+)
 from universal.errors import CheckpointError, InputError
 from universal.io import volume_from_array
 
 
 def _seg(masks, volumes=None):
-    return SimpleNamespace(masks=masks, volumes_ml=volumes or {n: float(m.sum()) for n, m in masks.items()})
+    volumes = volumes or {n: float(m.sum()) for n, m in masks.items()}
+    return SimpleNamespace(masks=masks, volumes_ml=volumes, timings={"total": 1.0}, info={"fast": True})
 
 
 def _box(shape, lo, hi):
@@ -24,18 +35,47 @@ def _box(shape, lo, hi):
 
 
 # ------------------------------------------------------------------------------------------------ samples
-def test_only_the_phantom_without_shared_data(tmp_path):
-    samples = al.list_samples(root=tmp_path)
-    assert [s.key for s in samples] == ["phantom"]
+def test_only_the_phantom_without_a_data_folder(tmp_path):
+    assert [s.key for s in al.list_samples(data_dir=None)] == ["phantom"]
+    assert [s.key for s in al.list_samples(data_dir=tmp_path)] == ["phantom"]  # a folder without samples
 
 
-def test_real_sample_is_found_relative_to_the_project_root(tmp_path):
-    real = tmp_path / "project" / al.REAL_SAMPLE_DIR
-    real.mkdir(parents=True)
-    (real / "ct.nii.gz").write_bytes(b"x")
-    samples = al.list_samples(root=tmp_path / "project")
+def test_real_samples_come_from_the_configured_data_folder(tmp_path):
+    data = tmp_path / "anywhere" / "samples"  # no ../shared: any folder holding the samples' folders
+    (data / "ts_abdomen_3mm").mkdir(parents=True)
+    (data / "ts_abdomen_3mm" / "ct.nii.gz").write_bytes(b"x")
+    samples = al.list_samples(data_dir=data)
     assert [s.key for s in samples] == ["phantom", "ts_abdomen_3mm"]
+    assert samples[1].ct == data / "ts_abdomen_3mm" / "ct.nii.gz"
     assert samples[1].gt is None  # no labels next to it: no reference
+    (data / "ts_abdomen_3mm" / "labels_totalseg.nii.gz").write_bytes(b"x")
+    assert al.list_samples(data_dir=data)[1].gt_dataset == "totalsegmentator_v2"
+
+
+def test_dashboard_config_from_the_environment_or_the_repository_layout(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    assert al.DashboardConfig.from_env(project, environ={}) == al.DashboardConfig(None, None)
+    (project / "app.py").write_text("")
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    layout = al.DashboardConfig.from_env(project, environ={})  # the repository layout: one default
+    assert layout.app == (project / "app.py").resolve()
+    assert layout.data_dir == (tmp_path / "shared" / "data").resolve()
+    env = {al.DATA_DIR_ENV: str(tmp_path / "elsewhere"), al.APP_ENV: str(tmp_path / "my_app.py")}
+    configured = al.DashboardConfig.from_env(project, environ=env)  # configuration wins over the layout
+    assert configured.data_dir == tmp_path / "elsewhere" and configured.app == tmp_path / "my_app.py"
+    monkeypatch.chdir(project)  # without a project root: the current folder
+    assert al.DashboardConfig.from_env(environ={}).app == (project / "app.py").resolve()
+
+
+def test_the_package_does_not_assume_the_repository_layout():
+    import inspect
+
+    from universal import app_state, dashboard
+
+    for module in (al, app_state, dashboard):
+        source = inspect.getsource(module)
+        assert "__file__" not in source and "parents[" not in source, module.__name__
 
 
 def test_load_phantom_sample():
@@ -49,7 +89,7 @@ def test_load_phantom_sample():
 
 
 def test_load_real_sample_with_totalsegmentator_reference(shared_data):
-    data = al.load_sample("ts_abdomen_3mm", root=Path(__file__).resolve().parents[1])
+    data = al.load_sample("ts_abdomen_3mm", data_dir=shared_data)
     assert data.volume.shape == (122, 101, 30)
     assert {"liver", "spleen", "right kidney", "left kidney"} <= set(data.classes)
     assert "liver tumor" not in data.annotated  # TotalSegmentator does not annotate liver tumours
@@ -59,10 +99,9 @@ def test_load_real_sample_with_totalsegmentator_reference(shared_data):
 
 
 def test_held_out_dicom_sample_with_reference(shared_data):
-    root = Path(__file__).resolve().parents[1]
-    keys = [s.key for s in al.list_samples(root=root)]
+    keys = [s.key for s in al.list_samples(data_dir=shared_data)]
     assert keys == ["phantom", "ts_abdomen_3mm", "ts_dicom_series"]
-    data = al.load_sample("ts_dicom_series", root=root)
+    data = al.load_sample("ts_dicom_series", data_dir=shared_data)
     assert data.sample.ct.name == "dicom" and data.volume.array.ndim == 3
     assert {"liver", "spleen"} <= set(data.classes)  # present in its reference
     assert "held out" in data.sample.label
@@ -231,3 +270,274 @@ def test_split_supported_classes_keeps_order_resolves_aliases_and_lists_the_rest
     assert missing == ["liver tumor", "left lung"]
     with pytest.raises(ClassNameError):
         al.split_supported_classes(model, ["livr"])
+
+
+# ------------------------------------------------------------------------------------------------ session state
+def _settings(**changes):
+    base = dict(weights=al.WeightsChoice("demo"), device="cpu", classes=("liver",), fast=True)
+    return RunSettings(**{**base, **changes})
+
+
+def _run(seg=None, **changes):
+    seg = seg or _seg({"liver": np.ones((4, 4, 4), bool)})
+    return RunRecord(seg, "sample:phantom", _settings(**changes))
+
+
+@pytest.fixture
+def state():
+    s = DashboardState()
+    yield s
+    s.folder.close()
+
+
+def test_state_is_created_once_per_session_and_reopens_its_folder():
+    store: dict = {}
+    s = DashboardState.of(store)
+    try:
+        assert DashboardState.of(store) is s and store["state"] is s
+        s.folder.close()
+        assert not DashboardState.of(store).folder.closed  # a removed folder is replaced
+    finally:
+        s.folder.close()
+
+
+def test_a_new_run_clears_what_came_from_the_previous_one(state):
+    first = _run()
+    state.set_run(first)
+    state.set_compare(CompareRecord(first.id, seg=None, table=None))
+    state.evaluation = EvaluationRecord((first.id, "gt", None), result="scores")
+    state.mesh = MeshRecord((first.id, "segmentation", ("liver",), 60_000), fig=None)
+    state.gt = GroundTruthRecord("sample:phantom")
+    assert state.current_compare() is not None and state.current_scores() == "scores"
+    assert state.n_segment_runs == 2  # run A and run B
+    second = _run()
+    state.set_run(second)
+    assert state.run is second and state.n_segment_runs == 3
+    assert state.current_compare() is None and state.evaluation is None and state.mesh is None
+    assert state.gt is not None  # the reference belongs to the input, not to the run
+
+
+def test_a_new_input_clears_the_run_the_reference_and_the_view(state):
+    state.set_run(_run())
+    state.gt = GroundTruthRecord("sample:phantom")
+    state.view_defaults["viewer"] = {"axial": 3}
+    state.set_input(InputRecord(id="path:/x.nii.gz"))
+    assert state.input.id == "path:/x.nii.gz"
+    assert state.run is None and state.gt is None and not state.view_defaults
+    assert state.current_downloads() is None
+
+
+def test_derived_records_are_only_returned_for_their_run(state):
+    run = _run()
+    state.set_run(run)
+    state.compare = CompareRecord("another run", seg=None, table=None)
+    state.evaluation = EvaluationRecord(("another run", "gt", None), result="old")
+    assert state.current_compare() is None and state.current_scores() is None
+    assert state.evaluation_for(("another run", "gt", None)) is not None
+    assert state.evaluation_for((run.id, "gt", None)) is None
+    key = (run.id, "segmentation", ("liver",), 60_000)
+    state.mesh = MeshRecord(key, fig="figure")
+    assert state.mesh_for(key).fig == "figure" and state.mesh_for((*key[:3], 20_000)) is None
+
+
+def test_download_files_are_written_once_per_run(state):
+    state.set_run(_run())
+    calls = []
+
+    def write(seg):
+        calls.append(seg)
+        return {"labels.nii.gz": b"L"}
+
+    record = state.current_downloads()
+    assert record.files_of(state.run.seg, write) == {"labels.nii.gz": b"L"}
+    assert state.current_downloads().files_of(state.run.seg, write) == {"labels.nii.gz": b"L"}
+    assert len(calls) == 1
+    state.set_run(_run())
+    assert state.current_downloads() is not record and state.current_downloads().files is None
+
+
+def test_changed_settings_are_noticed_but_keep_the_result(state):
+    state.set_run(_run())
+    assert not state.settings_changed(_settings())
+    assert state.settings_changed(_settings(fast=False))
+    assert state.run is not None
+    assert any(kind == "caption" for kind, _, _ in dash.run_messages(state, _settings(classes=("spleen",))))
+
+
+# ------------------------------------------------------------------------------------------------ dashboard actions
+class _Upload(SimpleNamespace):
+    def getvalue(self):
+        return self.data
+
+
+def test_input_refs_name_their_input(tmp_path):
+    f = tmp_path / "ct.nii.gz"
+    f.write_bytes(b"x")
+    assert dash.InputRef("sample", "phantom").id == "sample:phantom"
+    assert dash.InputRef("path", str(f)).id.startswith(f"path:{f.resolve()}:")
+    assert dash.InputRef("path", str(tmp_path / "nope")).id == f"path:{tmp_path / 'nope'}"
+    up = _Upload(file_id="abc", name="ct.nii.gz", size=3, data=b"abc")
+    assert dash.InputRef("upload", up).id == "upload:abc:ct.nii.gz:3"
+
+
+def test_load_input_reads_a_sample_and_turns_errors_into_messages(state, tmp_path):
+    phantom = al.SampleData(al.PHANTOM, volume=_vol(), gt_masks={"liver": np.ones((12, 10, 8), bool)})
+    rec = dash.load_input(dash.InputRef("sample", "phantom"), state.folder, 512, lambda key: phantom)
+    assert rec.id == "sample:phantom" and rec.volume is phantom.volume and rec.error is None
+    assert "phantom truth" in rec.gt_label
+    missing = dash.load_input(dash.InputRef("path", str(tmp_path / "nope.nii.gz")), state.folder, 512, None)
+    assert missing.volume is None and "does not exist" in missing.error
+    big = _Upload(file_id="1", name="ct.nii.gz", size=10 * 1024**2, data=b"")
+    assert "upload limit" in dash.load_input(dash.InputRef("upload", big), state.folder, 5, None).error
+    assert dash.load_input(None, state.folder, 512, None) == InputRecord()
+    assert dash.input_messages(missing)[0][0] == "error"
+    assert dash.input_messages(rec)[-1][0] == "caption"  # the CT's size line
+
+
+def test_segment_runs_a_predictor_derived_with_the_run_settings():
+    calls = {}
+
+    class Base:
+        model = SimpleNamespace(class_names=["liver", "spleen"])
+
+        def with_settings(self, **changes):
+            calls.update(changes)
+            return SimpleNamespace(
+                predict=lambda volume, progress=None: _seg({"liver": np.ones((2, 2, 2), bool)})
+            )
+
+    settings = _settings(classes=("Liver", "liver tumor"), template="A photo of a {}")
+    run = dash.segment(Base(), volume="ct", settings=settings, input_id="sample:phantom", model_seconds=1.5)
+    assert calls == {"classes": ("liver",), "fast": True, "template": "A photo of a {}", "precision": None}
+    assert run.skipped == ["liver tumor"] and run.model_seconds == 1.5 and run.settings is settings
+    with pytest.raises(InputError, match="none of the chosen classes"):
+        dash.segment(Base(), "ct", _settings(classes=("liver tumor",)), None)
+
+
+def test_base_predictor_is_shared_by_the_runs_it_derives():
+    from universal.predictor import Predictor
+
+    base = al.base_predictor(al.WeightsChoice(al.DEMO_MODEL, encoder="onehot"), "cpu")
+    assert isinstance(base, Predictor) and len(base.classes) == 32
+    run = base.with_settings(classes=("liver", "spleen"), fast=True)
+    assert run.model is base.model  # the same weights: nothing reloaded or copied
+    assert run.classes == ["liver", "spleen"] and run.resolved.fast
+
+
+def test_stage_progress_drives_one_bar_per_stage():
+    bars: dict[str, list] = {}
+
+    class Bar:
+        def __init__(self, stage):
+            self.stage = stage
+            bars[stage] = []
+
+        def progress(self, value, text=""):
+            bars[self.stage].append((round(value, 3), text))
+
+    progress = dash.StageProgress(Bar)
+    progress("preprocess", 0.05)
+    progress("inference", 0.475)  # half of the inference stage (0.1 .. 0.85)
+    progress("done", 1.0)
+    assert bars["preprocess"][-1] == (1.0, "preprocess ✓")
+    assert bars["inference"][0] == (0.5, "inference — 50%") and bars["inference"][-1][0] == 1.0
+    assert "done" not in bars
+
+
+def test_warm_up_builds_the_default_predictor_once(monkeypatch):
+    monkeypatch.setattr(al, "model_choices", lambda: [al.ModelChoice(al.DEMO_MODEL, "demo")])
+    built = []
+
+    def build(weights, device):
+        built.append((weights, device))
+        return "predictor"
+
+    warm = dash.WarmUp(build=build)
+    warm.page_drawn.set()
+    assert warm.take(al.WeightsChoice(al.DEMO_MODEL), "auto") == "predictor"
+    assert warm.take(al.WeightsChoice(al.DEMO_MODEL), "cpu") is None
+    assert warm.take(al.WeightsChoice("builtin"), "auto") is None
+    assert built == [(al.WeightsChoice(al.DEMO_MODEL), "auto")]
+
+
+def test_ground_truth_is_loaded_once_and_errors_are_kept(state, tmp_path):
+    masks = {"liver": np.ones((12, 10, 8), bool)}
+    state.set_input(InputRecord(id="sample:phantom", volume=_vol(), gt_masks=masks, annotated=["liver"]))
+    gt = dash.ground_truth(state, dash.GroundTruthRef("sample", "sample:phantom"), 512)
+    assert gt.id == "sample:sample:phantom" and gt.error is None
+    assert gt.reference.annotated == ("liver",) and gt.reference.masks["liver"].all()
+    assert dash.ground_truth(state, dash.GroundTruthRef("sample", "sample:phantom"), 512) is gt
+    bad = dash.ground_truth(
+        state, dash.GroundTruthRef("path", str(tmp_path / "no.nii.gz"), "universal ids"), 512
+    )
+    assert bad.error and bad is state.gt
+    assert dash.kept_upload(state) is None  # only a loaded upload is kept
+    state.gt = GroundTruthRecord("upload:1:universal ids (1-32)", name="lab.nii.gz")
+    assert dash.kept_upload(state).name == "lab.nii.gz"
+    assert dash.GroundTruthRef("kept", state.gt.id).id == state.gt.id
+
+
+def test_evaluation_is_computed_once_per_run_reference_and_rules(state):
+    shape = (12, 10, 8)
+    liver = _box(shape, (2, 2, 2), (8, 8, 6))
+    state.set_input(InputRecord(id="x", volume=_vol(shape), gt_masks={"liver": liver}, annotated=["liver"]))
+    state.set_run(_run(_seg({"liver": liver})))
+    gt = dash.ground_truth(state, dash.GroundTruthRef("sample", "x"), 512)
+    ev = dash.evaluation(state, gt, None)
+    assert ev.error is None and ev.result["liver"].dsc == 1.0
+    assert dash.evaluation(state, gt, None) is ev
+    assert dash.score_summary(ev.result) == [
+        ("Mean DSC", "1.000"),
+        ("Mean NSD", "1.000"),
+        ("Classes scored", "1 / 1"),
+    ]
+    assert "not annotated" in dash.evaluation_caption(ev)
+    assert list(dash.metrics_table(ev.result)["class"]) == ["liver"]
+    rules = dash.evaluation_rules()
+    assert list(rules.values()) == ["flare23", None] and list(rules)[0].startswith("FLARE 2023")
+    assert dash.evaluation(state, gt, "flare23") is not ev
+
+
+def test_choices_come_from_the_library():
+    from universal.predictor import DEVICE_CHOICES
+    from universal.prompts import TEMPLATES
+    from universal.spec import PRECISIONS
+    from universal.taxonomy import CLASSES
+
+    assert dash.template_options() == [*TEMPLATES, dash.CUSTOM]
+    assert dash.template_of("photo") == TEMPLATES["photo"] and dash.template_of(dash.CUSTOM, "x {}") == "x {}"
+    assert dash.precision_options() == [dash.MODEL_OWN, *PRECISIONS]
+    assert dash.precision_of(dash.MODEL_OWN) is None and dash.precision_of("bfloat16") == "bfloat16"
+    devices = al.available_devices()
+    assert devices[:2] == ["auto", "cpu"] and set(devices) <= set(DEVICE_CHOICES)
+    assert sorted(dash.class_options()) == sorted(c.name for c in CLASSES)
+    groups = dash.class_groups(["spleen", "not a class"])
+    assert groups["this scan's reference classes"] == ["spleen"]
+    assert dash.initial_classes(InputRecord()) == list(dash.COMMON_CLASSES)
+    assert dash.encoder_options("model's own") == ["model's own", *al.ENCODER_KEYWORDS, dash.CUSTOM]
+
+
+def test_model_selector_labels_and_notes():
+    choices = {
+        "builtin": al.ModelChoice("builtin", "built-in", False, "builtin.pt is missing"),
+        al.DEMO_MODEL: al.ModelChoice(al.DEMO_MODEL, "demo"),
+    }
+    assert al.choice_label(choices, "builtin") == "built-in — unavailable"
+    assert al.choice_label(choices, al.CHECKPOINT).startswith("a local checkpoint")
+    kinds = [kind for kind, _, _ in al.model_notes(choices, "builtin")]
+    assert kinds == ["warning", "caption"]
+    assert [kind for kind, _, _ in al.model_notes(choices, al.DEMO_MODEL)] == ["caption", "info"]
+    assert not al.WeightsChoice(al.CHECKPOINT).ready and al.WeightsChoice(al.CHECKPOINT, "m.pt").ready
+
+
+def test_view_helpers():
+    shape = (10, 10, 10)
+    assert dash.mask_centres({"liver": _box(shape, (2, 4, 6), (5, 7, 9))}) == {
+        "axial": 7,
+        "coronal": 5,
+        "sagittal": 3,
+    }
+    assert dash.mask_centres({"liver": np.zeros(shape, bool)}) == {}
+    assert "liver" in dash.legend_html(["liver"])
+    assert dash.slice_caption("coronal", 4).startswith("coronal slice 4 ")
+    assert dash.window_label("bone").startswith("bone (")

@@ -47,8 +47,9 @@ def test_builtin_loads(builtin):
     assert builtin.backbone_name == "segresnet"
     assert "liver" in builtin.class_names and "spleen" in builtin.class_names
     assert all(c.lower() == c for c in builtin.class_names)
-    cfg = builtin.config()
-    assert cfg["encoder_name"] == "minilm"
+    spec = builtin.spec
+    assert spec.encoder == "minilm" and spec.preprocessing.target_spacing() == (3.0, 3.0, 3.0)
+    assert spec.provenance.source == "trained" and spec.provenance.migrated_from == "universal-checkpoint v1"
     # float16 on disk, float32 once loaded (loading casts)
     assert all(p.dtype.is_floating_point and p.dtype.itemsize == 4 for p in builtin.parameters())
 
@@ -111,6 +112,8 @@ def test_builtin_held_out_liver(builtin, shared_data):
 
     case = shared_data / "ts_dicom_series"
     seg = universal.segment(case / "dicom", ["liver"], model=builtin, fast=True)
-    liver_ref = load_label(case / "labels_totalseg.nii.gz", like=seg.volume) == 5  # TotalSegmentator v2: liver
+    liver_ref = (
+        load_label(case / "labels_totalseg.nii.gz", like=seg.volume) == 5
+    )  # TotalSegmentator v2: liver
     liver = float(dice(seg.masks["liver"], liver_ref))
     assert liver >= HELD_OUT_LIVER_DSC_MIN, f"held-out ts_dicom_series liver DSC {liver:.3f}"

@@ -38,8 +38,20 @@ def files(tmp_path_factory, phantom):
 
 def test_segment_writes_masks_labels_and_report(files, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["segment", str(files["ct"]), "-o", str(out), "--weights", str(files["weights"]),
-               "--classes", "liver", "Liver Tumor", "--fast"])
+    rc = main(
+        [
+            "segment",
+            str(files["ct"]),
+            "-o",
+            str(out),
+            "--weights",
+            str(files["weights"]),
+            "--classes",
+            "liver",
+            "Liver Tumor",
+            "--fast",
+        ]
+    )
     assert rc == 0
     case = out / "case1"
     assert sorted(p.name for p in (case / "masks").iterdir()) == ["liver.nii.gz", "liver_tumor.nii.gz"]
@@ -59,8 +71,20 @@ def test_batch_failure_does_not_stop_other_cases(files, tmp_path, capsys):
     bad = tmp_path / "not_a_ct.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
     out = tmp_path / "out"
-    rc = main(["segment", str(bad), str(files["ct"]), "-o", str(out), "--weights", str(files["weights"]),
-               "--classes", "spleen", "--fast"])
+    rc = main(
+        [
+            "segment",
+            str(bad),
+            str(files["ct"]),
+            "-o",
+            str(out),
+            "--weights",
+            str(files["weights"]),
+            "--classes",
+            "spleen",
+            "--fast",
+        ]
+    )
     assert rc == 1  # some cases failed
     assert (out / "case1" / "masks" / "spleen.nii.gz").exists()
     err = capsys.readouterr().err
@@ -69,8 +93,18 @@ def test_batch_failure_does_not_stop_other_cases(files, tmp_path, capsys):
 
 
 def test_unknown_class_is_one_clear_line(files, tmp_path, capsys):
-    rc = main(["segment", str(files["ct"]), "-o", str(tmp_path), "--weights", str(files["weights"]),
-               "--classes", "livr"])
+    rc = main(
+        [
+            "segment",
+            str(files["ct"]),
+            "-o",
+            str(tmp_path),
+            "--weights",
+            str(files["weights"]),
+            "--classes",
+            "livr",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc != 0
     assert "liver" in err  # the closest valid name is suggested
@@ -98,7 +132,9 @@ def test_evaluate_universal_label_maps_and_json(files, phantom, tmp_path, capsys
 
 def test_evaluate_segment_output_against_gt_flare23(files, tmp_path):
     out = tmp_path / "out"
-    assert main(["segment", str(files["ct"]), "-o", str(out), "--weights", str(files["weights"]), "--fast"]) == 0
+    assert (
+        main(["segment", str(files["ct"]), "-o", str(out), "--weights", str(files["weights"]), "--fast"]) == 0
+    )
     js = tmp_path / "f.json"
     rc = main(["evaluate", str(out / "case1"), str(files["gt"]), "--json", str(js)])
     assert rc == 0
@@ -136,9 +172,21 @@ def test_no_command_prints_help(capsys):
 
 
 def test_console_entry_point_exit_code(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "universal.cli", "segment", str(tmp_path / "missing.nii.gz"),
-                        "-o", str(tmp_path), "--weights", str(tmp_path / "missing.pt")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "universal.cli",
+            "segment",
+            str(tmp_path / "missing.nii.gz"),
+            "-o",
+            str(tmp_path),
+            "--weights",
+            str(tmp_path / "missing.pt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert r.stderr.startswith("error:") and "Traceback" not in r.stderr
 
@@ -159,8 +207,18 @@ def test_train_set_overrides_then_pseudo_label_empty_option(tmp_path, monkeypatc
         "train: {steps: 50, batch_size: 1, progress: false, ckpt_every: 0, out_dir: run}\n"
     )
     monkeypatch.chdir(tmp_path)  # --set paths are relative to the current folder, not the config's
-    args = ["train", str(cfg), "--set", f"data.train={manifest.relative_to(tmp_path)}",
-            "--set", "train.steps=2", "--set", "train.out_dir=myrun", "--set", "optim.lr=0.002"]
+    args = [
+        "train",
+        str(cfg),
+        "--set",
+        f"data.train={manifest.relative_to(tmp_path)}",
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.out_dir=myrun",
+        "--set",
+        "optim.lr=0.002",
+    ]
     assert main(args) == 0
     saved = load_checkpoint(tmp_path / "myrun" / "model.pt")
     assert saved.checkpoint_extra["training"]["step"] == 2
@@ -171,11 +229,85 @@ def test_train_set_overrides_then_pseudo_label_empty_option(tmp_path, monkeypatc
     assert "train.stepz" in capsys.readouterr().err
     # an untrained model at threshold 0.9999 predicts nothing: "absent" annotates every class of the unlabeled
     # case as absent, "unannotated" leaves them masked
-    common = [str(manifest), "--weights", "myrun/model.pt", "--threshold", "0.9999", "--device", "cpu", "--fast"]
+    common = [
+        str(manifest),
+        "--weights",
+        "myrun/model.pt",
+        "--threshold",
+        "0.9999",
+        "--device",
+        "cpu",
+        "--fast",
+    ]
     assert main(["pseudo-label", *common, "-o", "absent"]) == 0
     assert main(["pseudo-label", *common, "-o", "masked", "--empty", "unannotated"]) == 0
     unlabeled = [c.name for c in load_manifest(manifest).cases if not c.annotated_classes()]
     assert unlabeled
-    a, m = load_manifest(tmp_path / "absent" / "manifest.json"), load_manifest(tmp_path / "masked" / "manifest.json")
+    a, m = (
+        load_manifest(tmp_path / "absent" / "manifest.json"),
+        load_manifest(tmp_path / "masked" / "manifest.json"),
+    )
     assert set(a[unlabeled[0]].annotated_classes()) == {"liver", "spleen"}
     assert m[unlabeled[0]].annotated_classes() == ()
+
+
+def test_pseudo_label_uses_every_option_it_accepts(tmp_path, capsys):
+    from universal.data import write_phantom_dataset
+    from universal.preprocess import PreprocessConfig
+    from universal.spec import InferenceDefaults
+
+    manifest = write_phantom_dataset(
+        tmp_path / "ds", 1, (48, 48, 40), (3.0, 3.0, 3.0), {"organs": ["liver", "spleen"]}, unlabeled=1
+    )
+    model = create_model(
+        "segresnet",
+        classes=["liver", "spleen"],
+        encoder="onehot",
+        embeddings=np.eye(2, dtype=np.float32),
+        preprocessing=PreprocessConfig(spacing_mm=3.0),
+        inference=InferenceDefaults(patch_size=(16, 16, 16)),
+        init_filters=16,
+        blocks_down=[1, 1, 1],
+        blocks_up=[1, 1],
+    )
+    save_checkpoint(model, tmp_path / "m.pt")
+    common = ["pseudo-label", str(manifest), "--weights", str(tmp_path / "m.pt"), "--device", "cpu"]
+    args = [*common, "-o", str(tmp_path / "out"), "--fast", "--threshold", "0.9", "--min-confidence", "0.1"]
+    assert main(args) == 0
+    settings = json.loads((tmp_path / "out" / "quality_report.json").read_text())["settings"]
+    assert settings["threshold"] == 0.9 and settings["min_confidence"] == 0.1
+    assert settings["teacher"]["fast"] is True and settings["teacher"]["threshold"] == 0.9
+    capsys.readouterr()
+    for bad, word in ((["--threshold", "2"], "threshold"), (["--min-confidence", "1.5"], "min_confidence"),
+                      (["--overlap", "1.0"], "overlap")):  # fmt: skip
+        assert main([*common, "-o", str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and word in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()  # refused before any work
+
+
+@pytest.mark.parametrize(
+    ("option", "word"),
+    [(["--overlap", "1.0"], "overlap"), (["--threshold", "0"], "threshold"), (["--device", "cuda:7"], "cuda:7"),
+     (["--device", "npu"], "device")],
+)  # fmt: skip
+def test_segment_settings_are_checked_before_the_model_loads(
+    files, tmp_path, capsys, monkeypatch, option, word
+):
+    import universal.model as um
+
+    if option[-1] == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has eight GPUs")
+    monkeypatch.setattr(um, "load_pretrained", lambda name: pytest.fail("the model was loaded"))
+    rc = main(["segment", str(files["ct"]), "-o", str(tmp_path / "o"), "--weights", "builtin", *option])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and word in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_segment_overlap_option_reaches_the_report(files, tmp_path):
+    out = tmp_path / "out"
+    args = ["segment", str(files["ct"]), "-o", str(out), "--weights", str(files["weights"]), "--fast"]
+    assert main([*args, "--overlap", "0.6", "--threshold", "0.7"]) == 0
+    report = json.loads((out / "case1" / "report.json").read_text())
+    assert report["overlap"] == 0.6 and report["threshold"] == 0.7

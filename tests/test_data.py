@@ -275,7 +275,9 @@ def test_small_image_is_padded_like_the_sliding_window_inference():
     image = np.ones((1, 11, 20, 6), np.float32)
     target = np.zeros((len(CLASSES), 11, 20, 6), bool)
     target[0, 3:8, 5:15, 1:5] = True
-    case = PreparedCase("small", image, target, np.ones(len(CLASSES), bool), np.eye(4), np.flatnonzero(target[0]))
+    case = PreparedCase(
+        "small", image, target, np.ones(len(CLASSES), bool), np.eye(4), np.flatnonzero(target[0])
+    )
     ds = PatchDataset([case], (16, 16, 16), CLASSES, augment=AugmentConfig(intensity_prob=0.0), seed=0)
     for i in range(4):
         patch = np.asarray(ds[i]["image"][0])

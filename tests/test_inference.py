@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from universal import inference
-from universal.errors import ClassNameError
+from universal.errors import ClassNameError, InputError
 from universal.inference import Segmentation, segment, sliding_window_predict, window_starts
 from universal.io import load_volume, volume_from_array
 from universal.phantom import make_phantom
+from universal.predictor import Predictor
 from universal.preprocess import PreprocessConfig, preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,7 +312,9 @@ def test_segment_matches_reference_style_implementation(model):
     ph = make_phantom((40, 40, 30), spacing=(4.5, 4.5, 4.5), seed=2)
     kwargs = {"overlap": 0.5, "patch_size": 16, "postprocess": True}
     pp = PreprocessConfig(spacing_mm=6.0)
-    ours = segment(ph.volume, model=model, sw_batch_size=3, preprocess_config=pp, precision="float32", **kwargs)
+    ours = segment(
+        ph.volume, model=model, sw_batch_size=3, preprocess_config=pp, precision="float32", **kwargs
+    )
     theirs = ref.reference_segment(ph.volume, model, spacing_mm=6.0, **kwargs)
     for name in CLASSES:
         assert ref.dsc(ours.masks[name], theirs[name]) >= 0.999, name
@@ -390,7 +393,7 @@ def test_fast_mode_uses_3mm(model):
     assert all(abs(s - 3.0) < 0.1 for s in seg.info["spacing_mm"])
     assert seg.masks["liver"].shape == ph.volume.shape
     # the standard mode uses the model's recorded preprocessing (1.5 mm, [-175, 250] HU)
-    standard = inference._preprocess_config(model, fast=False)
+    standard = Predictor(model).resolved.preprocessing
     assert standard.target_spacing() == (1.5, 1.5, 1.5) and standard.hu_window == (-175.0, 250.0)
 
 
@@ -399,7 +402,7 @@ def test_bad_arguments(phantom, model):
         segment(phantom.volume, model=model, threshold=1.5, **QUICK)
     with pytest.raises(ValueError):
         segment(phantom.volume, model=model, overlap=1.0, **QUICK)
-    with pytest.raises(TypeError):
+    with pytest.raises(InputError, match="postprocess"):
         segment(phantom.volume, model=model, postprocess="yes", **QUICK)
     with pytest.raises(TypeError):
         segment(42, model=model)

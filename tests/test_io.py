@@ -584,3 +584,34 @@ def test_atomic_write_gives_the_file_the_usual_permissions(tmp_path):
     os.umask(umask)
     path = atomic_write_text(tmp_path / "report.json", "{}\n")
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+# ------------------------------------------------------------------------------------------------ JSON
+def test_to_json_makes_plain_json_values_without_touching_the_input():
+    import json
+
+    from universal.io import json_float, to_json
+
+    value = {
+        1: (np.float32(0.25), np.int16(-3), np.bool_(False)),
+        "nan": [float("nan"), np.float64("-inf")],
+        "arr": np.arange(3, dtype=np.uint8),
+        "path": Path("a") / "b.json",
+        "none": None,
+    }
+    out = to_json(value)
+    assert out == {
+        "1": [0.25, -3, False],
+        "nan": [None, None],
+        "arr": [0, 1, 2],
+        "path": str(Path("a/b.json")),
+        "none": None,
+    }
+    assert type(out["1"][1]) is int and type(out["1"][2]) is bool
+    json.dumps(out, allow_nan=False)  # strict JSON
+    assert isinstance(value[1], tuple) and np.isnan(value["nan"][0])  # the input is unchanged
+    assert to_json({"x": 1 / 3}, ndigits=4) == {"x": 0.3333}
+    assert json_float(np.float32(np.inf)) is None and json_float("2.5") == 2.5
+    with pytest.raises(TypeError, match="object is not a JSON value"):
+        to_json({"x": object()})
+    assert to_json([object], default=lambda o: o.__name__) == ["object"]

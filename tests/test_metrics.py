@@ -411,6 +411,15 @@ def test_flare23_rejects_unknown_classes():
         evaluate_case({"liver": m}, {"liver": m}, (1, 1, 1), preset="flare2099")
 
 
+def test_presets_by_name():
+    assert metrics.PRESETS == {"flare23": FLARE23_PRESET}
+    for name in ("flare23", "FLARE-23", "flare_2023", FLARE23_PRESET):
+        assert metrics.get_preset(name) is FLARE23_PRESET
+    assert metrics.get_preset(None) is None
+    with pytest.raises(InputError, match="flare23"):
+        metrics.get_preset("brats")
+
+
 # ------------------------------------------------------------------------------------------------ partial labels
 def test_not_annotated_classes_are_excluded_from_means():
     m = _cube()

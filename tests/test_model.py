@@ -147,9 +147,9 @@ def test_forward_rejects_bad_inputs(case: Case) -> None:
 def test_config_is_plain(case: Case) -> None:
     config = case.model.config()
     assert json.loads(json.dumps(config)) == config
-    assert config["backbone"] == case.name and config["class_names"] == CLASSES
-    assert config["encoder_name"] == "onehot" and config["embed_dim"] == EMBED_DIM
-    assert config["preprocessing"]["spacing"] == [1.5, 1.5, 1.5]
+    assert config["backbone"] == case.name and config["classes"] == CLASSES
+    assert config["encoder"] == "onehot" and config["embed_dim"] == EMBED_DIM
+    assert config["preprocessing"]["spacing_mm"] == 1.5
 
 
 # ----------------------------------------------------------------------------------------------------- heads
@@ -313,8 +313,8 @@ def test_swin_official_merging_changes_hidden_states_from_second_stage() -> None
 def test_save_load_round_trip(case: Case, tmp_path) -> None:
     path = save_checkpoint(case.model, tmp_path / "sub" / "model.pt", extra={"epoch": 3, "dice": [0.5, 0.9]})
     raw = torch.load(path, weights_only=True)
-    assert raw["format"] == "universal-checkpoint" and raw["version"] == 1
-    assert raw["config"] == case.model.config() and raw["extra"] == {"epoch": 3, "dice": [0.5, 0.9]}
+    assert raw["format"] == "universal-checkpoint" and raw["version"] == 2
+    assert raw["spec"] == case.model.spec.to_dict() and raw["extra"] == {"epoch": 3, "dice": [0.5, 0.9]}
     assert not list(path.parent.glob("*.tmp"))  # atomic write left no temporary file
 
     loaded = load_checkpoint(path)
@@ -380,6 +380,12 @@ def test_load_official_layout(name: str, shared_reference, tmp_path) -> None:
         assert len(model.class_names) == 32 and model.class_names[0] == "spleen"
         assert model.encoder_name == "table:official-clip"
         assert model.template == "A computerized tomography of a {}"
+        # the official pipeline's settings come with the weights: 1.5 mm, 96³ windows, overlap 0.5
+        assert model.spec.provenance.source == "official" and model.spec.inference.overlap == 0.5
+        assert model.spec.preprocessing.target_spacing() == (1.5, 1.5, 1.5)
+        assert model.spec.inference.patch_size == (96, 96, 96) and model.spec.classes == tuple(
+            model.class_names
+        )
         loaded = model.state_dict()
         for key, value in state.items():
             assert torch.equal(loaded[key], value.to(loaded[key].dtype)), key
@@ -421,7 +427,7 @@ def test_universal_checkpoint_with_mismatched_weights(tmp_path) -> None:
     path = save_checkpoint(model, tmp_path / "m.pt")
     payload = torch.load(path, weights_only=True)
     payload["state_dict"]["organ_embedding"] = torch.zeros(2, 64)  # wrong width
-    payload["config"]["backbone"] = "unet"  # another architecture
+    payload["spec"]["backbone"] = "unet"  # another architecture
     torch.save(payload, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(tmp_path / "bad.pt")
@@ -510,9 +516,8 @@ def test_registry_entries() -> None:
     assert PRETRAINED["universal-swinunetr"]["backbone"] == "swinunetr"
 
 
-def test_builtin_weights_not_shipped_yet() -> None:
-    if ckpt_module._BUILTIN_PATH.exists():
-        pytest.skip("the built-in weights are shipped")
+def test_builtin_weights_missing_is_a_clear_error(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(ckpt_module, "builtin_weights_path", lambda: tmp_path / "builtin.pt")
     with pytest.raises(CheckpointError, match="not shipped yet"):
         load_pretrained("builtin")
 
@@ -552,8 +557,8 @@ def test_download_checks_sha256_and_caches(monkeypatch, tmp_path) -> None:
     torch.save(
         {
             "format": "universal-checkpoint",
-            "version": 1,
-            "config": model.config(),
+            "version": 2,
+            "spec": model.spec.to_dict(),
             "state_dict": model.state_dict(),
             "extra": {},
         },

@@ -6,6 +6,10 @@ nbclient in a kernel of *this* interpreter (a kernelspec written to a temporary 
 assertions about what it teaches (e.g. notebook 3: masked training beats naive training on the classes other
 datasets leave unlabelled) and prints ``CHECKS PASSED <nn>``; the test fails on any cell error or when that line
 is missing.
+
+Each notebook is a Jupytext pair: ``notebooks/NN_name.py`` (percent format, the source that is edited, reviewed and
+linted by ruff) and ``notebooks/NN_name.ipynb`` (what students open). ``test_notebook_and_source_agree`` fails when
+one was edited without the other (``make notebooks`` re-syncs them).
 """
 
 from __future__ import annotations
@@ -37,6 +41,36 @@ def _read(path: Path):
     return nbformat.read(path, as_version=4)
 
 
+def _cell_view(nb) -> list[tuple[str, str, list[str]]]:
+    """What must agree between a notebook and its Jupytext source: each cell's type, source and tags."""
+    return [(c.cell_type, c.source, list(c.metadata.get("tags", []))) for c in nb.cells]
+
+
+def _disagreements(source, notebook) -> list[str]:
+    """How the notebook read from a ``.py`` source and the ``.ipynb`` differ (empty when they agree)."""
+    problems = []
+    if source.metadata.get("kernelspec") != notebook.metadata.get("kernelspec"):
+        problems.append(
+            f"kernelspec: {source.metadata.get('kernelspec')} (.py) != {notebook.metadata.get('kernelspec')} (.ipynb)"
+        )
+    a, b = _cell_view(source), _cell_view(notebook)
+    if len(a) != len(b):
+        problems.append(f"{len(a)} cells in the .py, {len(b)} in the .ipynb")
+    for i, (x, y) in enumerate(zip(a, b)):
+        for what, u, v in zip(("type", "source", "tags"), x, y):
+            if u != v and what == "source":  # name the first line that differs
+                pairs = list(zip([*u.splitlines(), "<end>"], [*v.splitlines(), "<end>"]))
+                line = next((k for k, (s, t) in enumerate(pairs) if s != t), None)
+                problems.append(
+                    f"cell {i} source: {u!r} (.py) != {v!r} (.ipynb)"
+                    if line is None  # only line endings differ
+                    else f"cell {i} source line {line + 1}: {pairs[line][0]!r} (.py) != {pairs[line][1]!r} (.ipynb)"
+                )
+            elif u != v:
+                problems.append(f"cell {i} {what}: {u!r} (.py) != {v!r} (.ipynb)")
+    return problems
+
+
 def _parameters_index(nb) -> int:
     tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, f"expected exactly one cell tagged 'parameters', found {len(tagged)}"
@@ -49,6 +83,48 @@ def test_all_tutorials_are_there():
     readme = (NOTEBOOK_DIR / "README.md").read_text(encoding="utf-8")
     for name in EXPECTED:
         assert name in readme
+
+
+def test_every_notebook_has_its_jupytext_source():
+    sources = sorted(p.name for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
+    assert sources == [n.replace(".ipynb", ".py") for n in EXPECTED]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name[:2])
+def test_notebook_and_source_agree(path):
+    """The .py (percent format) and the .ipynb hold the same cells; run `make notebooks` after editing either."""
+    import jupytext
+
+    source_path = path.with_suffix(".py")
+    source = jupytext.read(source_path)
+    notebook = _read(path)
+    for nb, name in ((notebook, path.name), (source, source_path.name)):
+        assert "py:percent" in nb.metadata.get("jupytext", {}).get("formats", ""), f"{name}: not paired"
+    problems = _disagreements(source, notebook)
+    assert not problems, (
+        f"{source_path.name} and {path.name} disagree - edit the .py, then run `make notebooks` "
+        "(.venv/bin/jupytext --sync notebooks/*.py):\n" + "\n".join(problems[:10])
+    )
+
+
+def test_the_agreement_check_catches_one_sided_edits():
+    """The check above is not vacuous: an edit to either side of a pair (a source line, a tag, a cell) is caught."""
+    import jupytext
+
+    path = NOTEBOOKS[0]
+    source = jupytext.read(path.with_suffix(".py"))
+    assert _disagreements(source, _read(path)) == []
+
+    edited = _read(path)
+    edited.cells[-1].source += "\nprint('edited in Jupyter only')"
+    assert any("source" in p for p in _disagreements(source, edited))
+
+    untagged = _read(path)
+    untagged.cells[_parameters_index(untagged)].metadata["tags"] = []
+    assert any("tags" in p for p in _disagreements(source, untagged))
+
+    text = path.with_suffix(".py").read_text(encoding="utf-8") + "\n# %%\nprint('added to the .py only')\n"
+    assert any("cells" in p for p in _disagreements(jupytext.reads(text, fmt="py:percent"), _read(path)))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name[:2])

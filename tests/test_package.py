@@ -13,7 +13,9 @@ HEAVY = ["streamlit", "open_clip", "torch", "monai", "SimpleITK", "sentence_tran
 
 def test_import_is_light():
     """`import universal` must not pull in the heavy libraries (they load on first use)."""
-    code = f"import sys, universal; print(__import__('json').dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    code = (
+        f"import sys, universal; print(__import__('json').dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
 

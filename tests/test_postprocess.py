@@ -288,3 +288,23 @@ def test_fast_labelling_equals_scipy_26_connectivity():
     assert n == n_expected > 5
     np.testing.assert_array_equal(comps, expected)
     assert sizes[1:].sum() == mask.sum() and len(sizes) == n + 1
+
+
+def test_bounding_box_is_tight_grows_by_margin_clipped_and_none_when_empty():
+    from scipy import ndimage
+
+    from universal.postprocess import bounding_box
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        mask = np.zeros(SHAPE, bool)
+        mask[tuple(rng.integers(0, s, 4) for s in SHAPE)] = True
+        assert bounding_box(mask) == ndimage.find_objects(mask.astype(np.uint8))[0]  # the tight box
+    mask = _box((0, 5, 10), (3, 8, 30))
+    assert bounding_box(mask, (2, 1, 4)) == (
+        slice(0, 5),
+        slice(4, 9),
+        slice(6, 30),
+    )  # grown, clipped to the grid
+    assert bounding_box(np.zeros(SHAPE, bool)) is None
+    assert bounding_box(np.zeros(SHAPE, bool), (3, 3, 3)) is None

@@ -12,6 +12,9 @@ import pytest
 import torch
 
 from universal.data import case_targets, load_manifest, prepare_case, validate_manifest, write_phantom_dataset
+from universal.errors import InputError
+from universal.predictor import Predictor
+from universal.preprocess import PreprocessConfig
 from universal.pseudo import PseudoLabelConfig, merge_with_ground_truth, pseudo_label, quality_flags
 
 CLASSES = ["spleen", "right kidney", "left kidney", "liver", "liver tumor", "lung tumor"]
@@ -40,7 +43,7 @@ def model():
         encoder="onehot",
         embed_dim=len(CLASSES),
         embeddings=np.eye(len(CLASSES), dtype=np.float32),
-        preprocessing={"orientation": "RAS", "spacing": [3.0, 3.0, 3.0], "window": [-175.0, 250.0]},
+        preprocessing=PreprocessConfig(spacing_mm=3.0),
         init_filters=16,
         blocks_down=[1, 1, 1],
         blocks_up=[1, 1],
@@ -57,9 +60,8 @@ def _targets(case, classes):
 
 def test_pseudo_labels_never_overwrite_ground_truth(manifest, model, tmp_path):
     # an untrained model with no confidence bar: large, wrong predictions everywhere stress the merge
-    new_path, report = pseudo_label(
-        manifest, model, tmp_path, min_confidence=0.0, patch_size=32, device="cpu"
-    )
+    teacher = Predictor(model, patch_size=32, device="cpu")
+    new_path, report = pseudo_label(manifest, teacher, tmp_path, PseudoLabelConfig(min_confidence=0.0))
     old, new = load_manifest(manifest), load_manifest(new_path)
     assert new.problems == () and validate_manifest(new, read_labels=True) == []
     assert new.names == old.names
@@ -86,7 +88,8 @@ def test_pseudo_labels_never_overwrite_ground_truth(manifest, model, tmp_path):
 
 
 def test_unconfident_predictions_stay_unannotated(manifest, model, tmp_path):
-    new_path, report = pseudo_label(manifest, model, tmp_path, min_confidence=0.999, patch_size=32)
+    teacher = Predictor(model, patch_size=32)
+    new_path, report = pseudo_label(manifest, teacher, tmp_path, PseudoLabelConfig(min_confidence=0.999))
     new = load_manifest(new_path)
     case = new["case002"]  # lung tumour only in its ground truth
     rows = report["cases"][2]["classes"]
@@ -161,9 +164,37 @@ def test_real_dicom_ground_truth_survives(shared_data, model, tmp_path):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 3 slices: io warns about the thin volume
-        new_path, report = pseudo_label(src, model, tmp_path / "out", min_confidence=0.0, patch_size=32)
+        teacher = Predictor(model, patch_size=32)
+        new_path, report = pseudo_label(src, teacher, tmp_path / "out", PseudoLabelConfig(min_confidence=0.0))
         old, new = load_manifest(src)["liver3"], load_manifest(new_path)["liver3"]
         a, b = _targets(old, ["liver"]), _targets(new, ["liver"])
     assert a.sum() > 10_000
     np.testing.assert_array_equal(a, b)
     assert new.ground_truth_classes() == ("liver",)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"min_confidence": 1.5},
+        {"min_confidence": "high"},
+        {"review_max_components": 0},
+        {"review_min_dsc": -1},
+    ],
+)
+def test_rules_are_validated_where_they_enter(kwargs):
+    with pytest.raises(InputError):
+        PseudoLabelConfig(**kwargs)
+
+
+def test_the_teacher_settings_decide_the_predictions_and_the_report_says_so(manifest, model, tmp_path):
+    teacher = Predictor(model, patch_size=32, threshold=0.9, postprocess=False)
+    _, strict = pseudo_label(manifest, teacher, tmp_path / "a", PseudoLabelConfig(min_confidence=0.0))
+    _, loose = pseudo_label(
+        manifest, teacher.with_settings(threshold=0.1), tmp_path / "b", PseudoLabelConfig(min_confidence=0.0)
+    )
+    assert strict["settings"]["threshold"] == 0.9 and loose["settings"]["threshold"] == 0.1
+    assert strict["settings"]["teacher"]["postprocess"] is False
+    vol = [sum((r["volume_ml"] or 0) for r in c["classes"].values()) for c in strict["cases"]]
+    vol_loose = [sum((r["volume_ml"] or 0) for r in c["classes"].values()) for c in loose["cases"]]
+    assert vol != vol_loose

@@ -30,19 +30,26 @@ _EXPORTS: dict[str, str] = {
     "list_models": "universal.model",
     "load_pretrained": "universal.model",
     "segment": "universal.inference",
+    "Predictor": "universal.predictor",
+    "ModelSpec": "universal.spec",
     "evaluate_case": "universal.metrics",
+    "evaluate": "universal.evaluation",
+    "read_reference": "universal.evaluation",
 }
 
 __all__ = ["__version__", *_EXPORTS]  # the TYPE_CHECKING imports below are re-exports (ruff: F401 off here)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from universal.errors import UniversalError
+    from universal.evaluation import evaluate, read_reference
     from universal.inference import segment
     from universal.io import Volume, load_label, load_volume, save_mask
     from universal.metrics import evaluate_case
     from universal.model import create_model, list_models, load_pretrained
     from universal.phantom import make_phantom
+    from universal.predictor import Predictor
     from universal.prompts import encode_prompts
+    from universal.spec import ModelSpec
     from universal.taxonomy import class_names, resolve_class
 
 

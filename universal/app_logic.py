@@ -1,9 +1,14 @@
-"""The dashboard's non-UI logic: samples, model choices, per-session upload folders, ground truth, comparisons.
+"""The dashboard's non-UI logic: where samples are, model choices, per-session upload folders, comparisons.
 
-``app.py`` only wires Streamlit widgets to these functions and to the package API (``segment``,
-``evaluate_case``, ``viz``), so everything here is testable without a browser and usable from a notebook.
+``app.py`` only wires Streamlit widgets to these functions, to :mod:`universal.dashboard` (the actions of a
+session) and :mod:`universal.app_state` (its state), so everything here is testable without a browser and usable
+from a notebook.
 
->>> [s.key for s in list_samples(root="/nonexistent")]
+Nothing here assumes the repository layout: where the app script and the real samples are comes from a
+:class:`DashboardConfig` (environment variables ``UNIVERSAL_APP`` and ``UNIVERSAL_DATA_DIR``; the repository
+layout, ``<project>/../shared/data``, is one default among them), so a wheel install works with the phantom alone.
+
+>>> [s.key for s in list_samples(data_dir=None)]
 ['phantom']
 """
 
@@ -22,24 +27,67 @@ from typing import Any
 
 import numpy as np
 
+from universal import prompts
 from universal.errors import CheckpointError, InputError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-"""The project root (the folder holding ``app.py``); samples are found relative to it."""
+APP_ENV = "UNIVERSAL_APP"
+"""Environment variable: the dashboard's Streamlit script (``app.py``) for ``universal demo``."""
 
-REAL_SAMPLE_DIR = Path("..") / "shared" / "data" / "ts_abdomen_3mm"
-"""Where the optional real CT sample (the built-in model's training scan) lives, relative to the project root."""
+DATA_DIR_ENV = "UNIVERSAL_DATA_DIR"
+"""Environment variable: the folder holding the real samples' folders (``ts_abdomen_3mm/``, ``ts_dicom_series/``)."""
 
-HELD_OUT_SAMPLE_DIR = Path("..") / "shared" / "data" / "ts_dicom_series"
-"""Where the optional held-out real CT sample (a DICOM series in ``dicom/``) lives, relative to the project root."""
+REPOSITORY_DATA_DIR = Path("..") / "shared" / "data"
+"""The repository layout's sample folder, relative to a project root (one default of :class:`DashboardConfig`)."""
 
 DEMO_MODEL = "demo"
 """Key of the untrained demo model (random weights) offered when no trained weights are available."""
 
 DEMO_MODEL_LABEL = "untrained demo model (random weights — for trying the interface only)"
 
+CHECKPOINT = "checkpoint"
+"""Key of the model choice "a local checkpoint file" (its path is :attr:`WeightsChoice.checkpoint`)."""
+
+ENCODER_KEYWORDS = prompts.ENCODER_KEYWORDS  # the library's list
+"""The keyword specs of :func:`universal.prompts.get_encoder` offered as presets (any other spec can be typed)."""
+
 GT_CONVENTIONS = ("universal ids (1-32)", "FLARE 2023 ids (1-14)")
 """Label conventions of an uploaded ground truth besides the public datasets of the taxonomy."""
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+@dataclass(frozen=True)
+class DashboardConfig:
+    """Where the dashboard's files are: its Streamlit script and the folder of the real samples (``None``: none).
+
+    Build it with :meth:`from_env`; nothing else in the package guesses these locations.
+    """
+
+    app: Path | None = None
+    data_dir: Path | None = None
+
+    @classmethod
+    def from_env(
+        cls, project_root: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None
+    ) -> DashboardConfig:
+        """``$UNIVERSAL_APP`` / ``$UNIVERSAL_DATA_DIR`` when set; else the repository layout under
+        ``project_root`` (default: the current folder): ``app.py`` and ``../shared/data``, each ``None`` when absent.
+
+        >>> config = DashboardConfig.from_env("/nonexistent", environ={"UNIVERSAL_DATA_DIR": "/data/samples"})
+        >>> config.app, config.data_dir.as_posix()
+        (None, '/data/samples')
+        """
+        env = os.environ if environ is None else environ
+        root = Path.cwd() if project_root is None else Path(project_root)
+        return cls(
+            app=_configured(env.get(APP_ENV), root / "app.py", Path.is_file),
+            data_dir=_configured(env.get(DATA_DIR_ENV), root / REPOSITORY_DATA_DIR, Path.is_dir),
+        )
+
+
+def _configured(value: str | None, default: Path, exists: Any) -> Path | None:
+    if value:
+        return Path(value).expanduser()
+    return default.resolve() if exists(default) else None
 
 
 # ------------------------------------------------------------------------------------------------ samples
@@ -66,42 +114,46 @@ class SampleData:
     classes: list[str] = field(default_factory=list)
 
 
-def list_samples(root: str | os.PathLike | None = None) -> list[Sample]:
-    """The built-in samples: always the synthetic phantom, plus real CTs of ``../shared/data`` when present (the
-    built-in model's training scan, and a held-out DICOM series).
+PHANTOM = Sample(
+    "phantom",
+    "Synthetic phantom (128×128×96, 1.5 mm, with ground truth)",
+    description="A deterministic synthetic abdominal CT with 14+ labelled structures (seed 0).",
+)
+
+REAL_SAMPLES = (  # (key, folder under the data folder, CT inside it, label, description); TotalSegmentator v2 ids
+    (
+        "ts_abdomen_3mm",
+        "ts_abdomen_3mm",
+        "ct.nii.gz",
+        "Real abdominal CT (122×101×30, 3 mm; TotalSegmentator labels as reference)",
+        "TotalSegmentator test CT (CC-BY); its reference labels are themselves model output. "
+        "The built-in model was trained on this scan: its scores here are not a validation.",
+    ),
+    (
+        "ts_dicom_series",
+        "ts_dicom_series",
+        "dicom",
+        "Real abdominal CT, DICOM series (held out from the built-in model's training)",
+        "Another patient's contrast-enhanced CT as a DICOM series (CC-BY; TotalSegmentator labels as "
+        "reference). Never used to train or tune the built-in model: its scores here are what to expect on "
+        "unseen scans (MODEL_CARD.md).",
+    ),
+)
+"""The real samples a data folder may hold; each is offered when its CT is there."""
+
+
+def list_samples(data_dir: str | os.PathLike | None = None) -> list[Sample]:
+    """The built-in samples: always the synthetic phantom, plus the :data:`REAL_SAMPLES` found in ``data_dir``
+    (the built-in model's training scan, and a held-out DICOM series).
 
     Args:
-        root: The project root (default: the folder holding ``app.py``).
+        data_dir: The folder of the real samples (:attr:`DashboardConfig.data_dir`); ``None``: the phantom only.
     """
-    root = Path(root) if root is not None else PROJECT_ROOT
-    samples = [
-        Sample(
-            "phantom",
-            "Synthetic phantom (128×128×96, 1.5 mm, with ground truth)",
-            description="A deterministic synthetic abdominal CT with 14+ labelled structures (seed 0).",
-        )
-    ]
-    real_samples = [  # (key, folder, CT inside it, label, description); labels: TotalSegmentator v2 ids
-        (
-            "ts_abdomen_3mm",
-            REAL_SAMPLE_DIR,
-            "ct.nii.gz",
-            "Real abdominal CT (122×101×30, 3 mm; TotalSegmentator labels as reference)",
-            "TotalSegmentator test CT (CC-BY); its reference labels are themselves model output. "
-            "The built-in model was trained on this scan: its scores here are not a validation.",
-        ),
-        (
-            "ts_dicom_series",
-            HELD_OUT_SAMPLE_DIR,
-            "dicom",
-            "Real abdominal CT, DICOM series (held out from the built-in model's training)",
-            "Another patient's contrast-enhanced CT as a DICOM series (CC-BY; TotalSegmentator labels as "
-            "reference). Never used to train or tune the built-in model: its scores here are what to expect on "
-            "unseen scans (MODEL_CARD.md).",
-        ),
-    ]
-    for key, folder, ct_name, label, description in real_samples:
-        ct, gt = root / folder / ct_name, root / folder / "labels_totalseg.nii.gz"
+    samples = [PHANTOM]
+    if data_dir is None:
+        return samples
+    for key, folder, ct_name, label, description in REAL_SAMPLES:
+        ct, gt = Path(data_dir) / folder / ct_name, Path(data_dir) / folder / "labels_totalseg.nii.gz"
         if ct.exists():
             has_gt = gt.is_file()
             samples.append(
@@ -117,10 +169,11 @@ def list_samples(root: str | os.PathLike | None = None) -> list[Sample]:
     return samples
 
 
-def load_sample(sample: Sample | str, root: str | os.PathLike | None = None) -> SampleData:
-    """Load a sample's CT and reference masks (the phantom is generated, deterministic)."""
+def load_sample(sample: Sample | str, data_dir: str | os.PathLike | None = None) -> SampleData:
+    """Load a sample (a :class:`Sample`, or its key among :func:`list_samples` of ``data_dir``): its CT and
+    reference masks (the phantom is generated, deterministic)."""
     if isinstance(sample, str):
-        found = {s.key: s for s in list_samples(root)}
+        found = {s.key: s for s in list_samples(data_dir)}
         if sample not in found:
             raise InputError(f"unknown sample {sample!r}; available: {sorted(found)}")
         sample = found[sample]
@@ -131,6 +184,7 @@ def load_sample(sample: Sample | str, root: str | os.PathLike | None = None) -> 
         masks = {n: np.asarray(m, bool) for n, m in ph.masks.items()}
         names = list(getattr(ph, "classes", None) or masks)
         return SampleData(sample, ph.volume, masks, list(masks), names)
+    from universal.evaluation import read_reference
     from universal.io import load_volume
 
     volume = load_volume(sample.ct)
@@ -141,71 +195,43 @@ def load_sample(sample: Sample | str, root: str | os.PathLike | None = None) -> 
             # TotalSegmentator labels structures the universal taxonomy does not have (vertebrae, ribs...):
             # expected for this sample, so not worth a warning in the app
             warnings.simplefilter("ignore", UserWarning)
-            gt_masks, annotated = ground_truth_from_file(sample.gt, volume, sample.gt_dataset)
+            ref = read_reference(sample.gt, sample.gt_dataset, like=volume)
+        gt_masks, annotated = {n: np.asarray(m, bool) for n, m in ref.masks.items()}, list(ref.annotated)
     present = [n for n, m in gt_masks.items() if m.any()]
     return SampleData(sample, volume, gt_masks, annotated, present)
 
 
 # ------------------------------------------------------------------------------------------------ ground truth
 def gt_conventions() -> list[str]:
-    """Choices for the label convention of an uploaded ground truth: universal, FLARE 2023, then the datasets."""
-    from universal.taxonomy import list_datasets
+    """Choices for the label convention of an uploaded ground truth: universal, FLARE 2023, then the datasets
+    (:func:`universal.evaluation.convention_label` of each of :func:`universal.evaluation.conventions`)."""
+    from universal import evaluation
 
-    return [*GT_CONVENTIONS, *(f"dataset: {d}" for d in list_datasets())]
+    return [evaluation.convention_label(c) for c in evaluation.conventions()]
 
 
 def ground_truth_masks(
     label: np.ndarray, volume: Any, convention: str | None = None
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """One-vs-all reference masks keyed by universal class name, and the classes the reference annotates.
+    """Reference masks keyed by class name on ``volume``'s grid, and the classes the reference annotates.
 
-    Args:
-        label: Integer (X, Y, Z) label map on ``volume``'s grid.
-        volume: The CT :class:`~universal.io.Volume` (its affine splits left/right for some datasets).
-        convention: One of :func:`gt_conventions` (or a bare dataset name); ``None`` → universal ids.
-            With universal ids every class present is annotated; with FLARE 2023 ids the 13 organs and the
-            ``"lesion"`` class; with a dataset, what the taxonomy says that dataset annotates.
+    A thin call of :func:`universal.evaluation.read_reference` (``convention``: one of :func:`gt_conventions`, a
+    dataset name, or ``None`` for universal ids).
     """
-    from universal import metrics, taxonomy
+    from universal.evaluation import read_reference
 
-    lab = np.asarray(label)
-    if lab.ndim != 3:
-        raise InputError(f"the ground truth must be a 3-D label map, got shape {lab.shape}")
-    if tuple(lab.shape) != tuple(volume.shape):
-        raise InputError(
-            f"the ground truth grid {tuple(lab.shape)} does not match the CT {tuple(volume.shape)}; "
-            "upload the label map that belongs to this scan"
-        )
-    conv = (convention or GT_CONVENTIONS[0]).strip()
-    if conv.lower().startswith("dataset:"):
-        conv = conv.split(":", 1)[1].strip()
-    if conv == GT_CONVENTIONS[0] or conv.lower() in ("universal", "universal ids"):
-        present = sorted(int(v) for v in np.unique(lab) if v != 0)
-        bad = [v for v in present if not 1 <= v <= len(taxonomy.CLASSES)]
-        if bad:
-            raise InputError(
-                f"label values {bad[:5]} are not universal ids (1-{len(taxonomy.CLASSES)}); "
-                "choose the dataset the labels come from"
-            )
-        masks = metrics.universal_masks_from_label_map(lab, classes=present)
-        return masks, list(masks)
-    if conv == GT_CONVENTIONS[1] or conv.lower() in ("flare23", "flare 2023"):
-        masks = metrics.flare23_masks_from_label_map(lab)
-        return masks, list(masks)
-    lmap = taxonomy.dataset(conv)
-    names = list(lmap.annotated)
-    arr = taxonomy.transfer_labels(lab, lmap, volume.affine, classes=names)
-    return {n: np.asarray(arr[i], bool) for i, n in enumerate(names)}, names
+    ref = read_reference(label, convention, like=volume)
+    return dict(ref.masks), list(ref.annotated)
 
 
 def ground_truth_from_file(
     path: str | os.PathLike, volume: Any, convention: str | None = None
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """:func:`ground_truth_masks` of a label file, read onto ``volume``'s grid with ``universal.io.load_label``."""
-    from universal.io import load_label
+    """:func:`ground_truth_masks` of a label file, read onto ``volume``'s grid."""
+    from universal.evaluation import read_reference
 
-    label = load_label(path, like=volume)
-    return ground_truth_masks(label, volume, convention)
+    ref = read_reference(Path(path), convention, like=volume)
+    return dict(ref.masks), list(ref.annotated)
 
 
 def evaluate_segmentation(
@@ -215,40 +241,13 @@ def evaluate_segmentation(
     spacing: Sequence[float],
     preset: str | None = "flare23",
 ):
-    """DSC/NSD of a Segmentation against reference masks.
+    """DSC/NSD of a Segmentation against reference masks: :func:`universal.evaluation.evaluate` (the classes
+    segmented that the reference annotates; segmented classes it does not annotate are shown as "not annotated",
+    the result's ``skipped`` says why each other class was left out)."""
+    from universal.evaluation import evaluate, read_reference
 
-    With ``preset="flare23"`` the FLARE 2023 classes, tolerances and rules are used (classes the reference does
-    not annotate are reported as "not annotated"); with ``None`` the segmented classes are scored.
-    """
-    from universal.metrics import evaluate_case, flare23_masks_from_universal
-
-    annotated = list(annotated)
-    pred = {n: np.asarray(m, bool) for n, m in seg.masks.items()}
-    if preset == "flare23":
-        from universal.taxonomy import FLARE23_LESION_CLASSES
-
-        names = _flare_names()
-        pred_view = flare23_masks_from_universal(pred)
-        gt_view = flare23_masks_from_universal({n: gt_masks[n] for n in annotated if n in gt_masks})
-        ann_set = set(annotated)
-        lesion_annotated = "lesion" in ann_set or bool(ann_set & set(FLARE23_LESION_CLASSES))
-        ann = [n for n in names if n in ann_set or (n == names[-1] and lesion_annotated)]
-        # only the classes the model was asked for can be scored (others would count as misses)
-        classes = [n for n in names if n in pred_view]
-        if not classes:
-            raise InputError(
-                "none of the segmented classes is a FLARE 2023 class: segment e.g. the liver, or score all classes"
-            )
-        return evaluate_case(pred_view, gt_view, spacing, preset="flare23", classes=classes, annotated=ann)
-    gt = {n: gt_masks[n] for n in annotated if n in gt_masks}
-    return evaluate_case(pred, gt, spacing, classes=list(seg.masks), annotated=annotated)
-
-
-def _flare_names() -> list[str]:
-    from universal.taxonomy import flare23_classes
-
-    ids = flare23_classes()
-    return [ids[i] for i in sorted(ids)]
+    ref = read_reference(gt_masks, like=getattr(seg, "volume", None), annotated=annotated, spacing=spacing)
+    return evaluate(seg, ref, preset=preset)
 
 
 # ------------------------------------------------------------------------------------------------ comparison
@@ -316,6 +315,57 @@ class ModelChoice:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class WeightsChoice:
+    """The weights of a run: a :func:`model_choices` key (or :data:`CHECKPOINT` with the file's path) and a text
+    encoder that re-prompts them (``None``: the weights' own; the demo model is built with it).
+
+    >>> WeightsChoice(DEMO_MODEL).demo, WeightsChoice(CHECKPOINT).ready, WeightsChoice(CHECKPOINT, "m.pt").ready
+    (True, False, True)
+    """
+
+    key: str
+    checkpoint: str | None = None
+    encoder: str | None = None
+
+    @property
+    def demo(self) -> bool:
+        return self.key == DEMO_MODEL
+
+    @property
+    def ready(self) -> bool:
+        """Whether the choice is complete (a checkpoint choice needs its path)."""
+        return self.key != CHECKPOINT or bool(self.checkpoint)
+
+
+def base_predictor(weights: WeightsChoice, device: str | None = "auto"):
+    """A :class:`~universal.predictor.Predictor` of ``weights`` on ``device`` with the model spec's settings.
+
+    A run derives its own with ``with_settings(classes=..., fast=..., template=...)``, which shares the loaded
+    weights (no reload). The device is checked before any weights are read; the model is moved there once.
+    """
+    from universal.predictor import Predictor, resolve_device
+
+    dev = resolve_device(device)
+    model = load_model(weights.key, checkpoint=weights.checkpoint, encoder=weights.encoder)
+    if weights.encoder and not weights.demo:
+        model = model_with_prompts(model, encoder=weights.encoder)
+    return Predictor(model.to(dev), device=device)
+
+
+def available_devices() -> list[str]:
+    """The entries of :data:`universal.predictor.DEVICE_CHOICES` this machine has (``auto`` and ``cpu`` always)."""
+    from universal.predictor import DEVICE_CHOICES
+
+    try:
+        import torch
+
+        have = {"cuda": torch.cuda.is_available(), "mps": bool(torch.backends.mps.is_available())}
+    except Exception:  # noqa: BLE001 - the app must still start
+        have = {}
+    return [d for d in DEVICE_CHOICES if d in ("auto", "cpu") or have.get(d)]
+
+
 def model_choices() -> list[ModelChoice]:
     """The built-in weights, the official checkpoints that are already downloaded, and the demo model.
 
@@ -342,6 +392,33 @@ def model_choices() -> list[ModelChoice]:
     return [*[c for c in choices if c.available], demo, *[c for c in choices if not c.available]]
 
 
+def choice_label(choices: Mapping[str, ModelChoice], key: str) -> str:
+    """The model selector's label of ``key`` (an unavailable choice says so)."""
+    if key == CHECKPOINT:
+        return "a local checkpoint file…"
+    c = choices[key]
+    return c.label if c.available else f"{c.label} — unavailable"
+
+
+def model_notes(choices: Mapping[str, ModelChoice], key: str) -> list[tuple[str, str, dict[str, str]]]:
+    """What the sidebar says under the model selector, as ``(kind, text, options)`` with kind ``"warning"``,
+    ``"caption"`` or ``"info"``: why the chosen weights cannot load, why the built-in ones are missing, that the
+    demo model is random.
+
+    >>> model_notes({DEMO_MODEL: ModelChoice(DEMO_MODEL, "demo")}, DEMO_MODEL)[0][0]
+    'info'
+    """
+    notes: list[tuple[str, str, dict[str, str]]] = []
+    if key in choices and not choices[key].available:
+        notes.append(("warning", choices[key].note, {}))
+    if "builtin" in choices and not choices["builtin"].available:
+        notes.append(("caption", f"Built-in weights: {choices['builtin'].note}.", {}))
+    if key == DEMO_MODEL:
+        text = "Random weights: the masks are meaningless. Use it to try the interface."
+        notes.append(("info", text, {"icon": ":material/science:"}))
+    return notes
+
+
 def pretrained_available(name: str) -> tuple[bool, str]:
     """Whether the weights ``name`` of ``PRETRAINED`` are on this machine (never downloads), and if not, why."""
     try:
@@ -352,10 +429,7 @@ def pretrained_available(name: str) -> tuple[bool, str]:
     if entry is None:
         return False, f"{name!r} is not a known weights name"
     if name == "builtin":
-        path = Path(
-            getattr(checkpoints, "_BUILTIN_PATH", PROJECT_ROOT / "universal" / "resources" / "builtin.pt")
-        )
-        if path.is_file():
+        if checkpoints.builtin_weights_path().is_file():
             return True, ""
         return False, (
             "the built-in weights are not shipped yet (universal/resources/builtin.pt is missing); "
@@ -376,7 +450,7 @@ def load_model(
     """Load a model for the app: a PRETRAINED name, a local checkpoint file, or the demo model.
 
     Args:
-        key: A :func:`model_choices` key, ``"checkpoint"`` (then ``checkpoint`` is the path) or :data:`DEMO_MODEL`.
+        key: A :func:`model_choices` key, :data:`CHECKPOINT` (then ``checkpoint`` is the path) or :data:`DEMO_MODEL`.
         encoder: For the demo model: the text encoder (default ``"minilm"``, falling back to ``"onehot"``).
         seed: For the demo model: the torch seed of its random weights (fixed, so runs are reproducible).
     """
@@ -384,7 +458,7 @@ def load_model(
 
     if key == DEMO_MODEL:
         return demo_model(encoder=encoder or "minilm", seed=seed)
-    if key == "checkpoint":
+    if key == CHECKPOINT:
         if not checkpoint:
             raise CheckpointError("give the path of a checkpoint file (.pt/.pth) to load")
         p = Path(str(checkpoint)).expanduser()

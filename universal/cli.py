@@ -31,13 +31,16 @@ OUTDIR/<case>/report.json (volumes in mL, mean HU, timings per stage, model, enc
 
 _EVALUATE_EXAMPLES = """examples:
   universal evaluate out/case1 gt_labels.nii.gz --gt-dataset totalsegmentator_v2
-  universal evaluate pred_labels.nii.gz gt_labels.nii.gz --preset flare23 --json metrics.json
+  universal evaluate out/case1 gt_labels.nii.gz --gt-dataset totalsegmentator_v2 --preset flare23
+  universal evaluate pred.nii.gz gt.nii.gz --preset flare23 --gt-dataset flare23 --pred-dataset flare23 --json m.json
   universal evaluate out/case1 gt_case1/ --classes liver spleen
 
-PRED and GT are either output folders of `universal segment` (with masks/*.nii.gz) or label maps.
-Label maps carry universal ids (1-32) unless --preset flare23 (FLARE 2023 ids 1-14) or --gt-dataset NAME
-(a public dataset's own ids, mapped through the taxonomy; classes it does not annotate are reported as
-"not annotated", not as misses).
+PRED is an output folder of `universal segment` (masks/*.nii.gz: every class in it counts as segmented) or a
+label map (the classes present in it); GT is a label map or a folder of masks. --gt-dataset / --pred-dataset
+give a label map's ids: universal (1-32, the default), flare23 (FLARE 2023 ids 1-14) or a public dataset's own
+ids (mapped through the taxonomy); with --preset a label map must say which. Scored by default: the classes
+segmented that GT annotates; the others are listed as skipped with the reason (not segmented, not annotated),
+never counted as misses. A combination that cannot work exits 2 with one line saying why.
 """
 
 
@@ -64,209 +67,231 @@ def _progress_bar(desc: str):
 
 
 # ----------------------------------------------------------------------------------------------- segment
+def _add_predictor_args(p: argparse.ArgumentParser, *, weights_help: str = "see `universal models`") -> None:
+    """The options that build a :class:`universal.Predictor`; choices and defaults come from the library (an option
+    left out takes the model spec's value)."""
+    from universal.spec import PRECISIONS
+
+    p.add_argument("--weights", default="builtin", metavar="NAME|PATH", help=weights_help)
+    p.add_argument(
+        "--classes", nargs="+", metavar="NAME", help="class names or aliases (default: all the model's)"
+    )
+    p.add_argument("--template", default=None, metavar="TEXT", help="prompt template key or text with {}")
+    p.add_argument(
+        "--device", default=None, metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps (default: auto)"
+    )
+    p.add_argument("--fast", action="store_true", help="work at the model's fast spacing (3 mm)")
+    p.add_argument(
+        "--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default: the model's)"
+    )
+    p.add_argument(
+        "--threshold", type=float, default=None, help="probability threshold in (0, 1) (default: the model's)"
+    )
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="forward-pass arithmetic (default: the model's, usually auto: float16 on CUDA, bfloat16 on "
+                   "CPUs that support it)")  # fmt: skip
+
+
+def _settings_from_args(args: argparse.Namespace, **fixed: Any):
+    """The :class:`PredictorSettings` of the parsed options (validated here, before any model is loaded)."""
+    from universal.predictor import PredictorSettings
+
+    return PredictorSettings(
+        device=args.device,
+        precision=args.precision,
+        overlap=args.overlap,
+        threshold=args.threshold,
+        fast=args.fast,
+        classes=tuple(args.classes) if args.classes else None,
+        template=args.template,
+        **fixed,
+    )
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from universal.inference import segment
-    from universal.io import load_volume
-    from universal.model import load_pretrained
+    from universal.predictor import Predictor
 
     out = Path(args.output)
     try:
-        model = load_pretrained(args.weights)
+        predictor = Predictor(args.weights, _settings_from_args(args))
     except UniversalError as exc:
         return _fail(str(exc))
     failures: list[tuple[str, str]] = []
-    for i, ct in enumerate(args.inputs, 1):
-        label = f"[{i}/{len(args.inputs)}] {ct}"
-        bar, progress = _progress_bar(label)
-        try:
-            volume = load_volume(ct)
-            result = segment(
-                volume,
-                classes=args.classes or None,
-                model=model,
-                template=args.template,
-                device=args.device,
-                fast=args.fast,
-                overlap=args.overlap,
-                precision=args.precision,
-                progress=progress,
-            )
-            case_dir = out / volume.name
-            result.save(case_dir)
-        except UniversalError as exc:
+    n = len(args.inputs)
+    bars: dict[int, Any] = {}
+
+    def progress(i: int, source: Any, stage: str, fraction: float) -> None:
+        if i not in bars:
+            bars[i] = _progress_bar(f"[{i + 1}/{n}] {source}")
+        bars[i][1](stage, fraction)
+
+    try:
+        for i, case in enumerate(predictor.predict_many(args.inputs, progress)):
+            label = f"[{i + 1}/{n}] {case.source}"
+            if i in bars:
+                bars.pop(i)[0].close()
+            if case.ok:
+                try:
+                    case_dir = out / case.segmentation.volume.name
+                    case.segmentation.save(case_dir)
+                except UniversalError as exc:
+                    case = type(case)(case.source, None, str(exc))
+            if not case.ok:
+                failures.append((str(case.source), str(case.error)))
+                print(f"{label}: failed: {case.error}", file=sys.stderr)
+                continue
+            result = case.segmentation
+            present = [c for c, m in result.masks.items() if m.any()]
+            t = result.timings.get("total", float("nan"))
+            print(f"{label}: {len(present)}/{len(result.masks)} classes found in {t:.1f} s -> {case_dir}")
+    except KeyboardInterrupt:
+        for bar, _ in bars.values():
             bar.close()
-            failures.append((ct, str(exc)))
-            print(f"{label}: failed: {exc}", file=sys.stderr)
-            continue
-        except KeyboardInterrupt:
-            bar.close()
-            print("interrupted", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        bar.close()
-        t = result.timings.get("total", float("nan"))
-        present = [n for n, m in result.masks.items() if m.any()]
-        print(f"{label}: {len(present)}/{len(result.masks)} classes found in {t:.1f} s -> {case_dir}")
-    if failures:
-        print(f"\n{len(failures)} of {len(args.inputs)} case(s) failed:", file=sys.stderr)
-        for ct, msg in failures:
-            print(f"  {ct}: {msg}", file=sys.stderr)
-        return EXIT_PARTIAL if len(failures) < len(args.inputs) else EXIT_USAGE
-    return EXIT_OK
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return _batch_exit(failures, n)
+
+
+def _batch_exit(failures: list[tuple[str, str]], n: int) -> int:
+    if not failures:
+        return EXIT_OK
+    print(f"\n{len(failures)} of {n} case(s) failed:", file=sys.stderr)
+    for ct, msg in failures:
+        print(f"  {ct}: {msg}", file=sys.stderr)
+    return EXIT_PARTIAL if len(failures) < n else EXIT_USAGE
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
-def _read_masks(path: Path, like, *, preset: str | None, dataset: str | None) -> tuple[dict, list[str] | None]:
-    """Masks keyed by universal class name (or FLARE names) from an output folder or a label map.
+class _LazyChoices:
+    """argparse choices read from :mod:`universal.evaluation` on first use (``universal --help`` stays light)."""
 
-    Returns the masks and the classes the source annotates (``None`` = whatever is present).
-    """
-    import numpy as np
+    def __init__(self, name: str) -> None:
+        self._name, self._values = name, None
 
-    from universal import metrics, taxonomy
-    from universal.io import load_label
+    def _get(self) -> list[str]:
+        if self._values is None:
+            from universal import evaluation
 
-    if path.is_dir() and (path / "masks").is_dir():
-        masks = {}
-        for f in sorted((path / "masks").glob("*.nii*")):
-            name = f.name.split(".")[0].replace("_", " ")
-            masks[taxonomy.resolve_class(name).name] = load_label(f, like=like) > 0
-        if preset == "flare23":
-            masks = metrics.flare23_masks_from_universal(masks)
-        return masks, None
-    if path.is_dir():
-        raise UniversalError(
-            f"{path} is a folder without masks/: pass an output folder of `universal segment` or a label map file"
-        )
-    label = load_label(path, like=like)
-    if preset == "flare23":
-        return metrics.flare23_masks_from_label_map(label), None
-    if dataset:
-        lmap = taxonomy.dataset(dataset)
-        classes = [c.name for c in taxonomy.CLASSES]
-        arr = taxonomy.transfer_labels(label, lmap, like.affine, classes=classes)
-        masks = {n: arr[i] for i, n in enumerate(classes) if n in lmap.annotated}
-        return masks, list(lmap.annotated)
-    present = set(int(v) for v in np.unique(label)) - {0}
-    return metrics.universal_masks_from_label_map(label, classes=sorted(present)), None
+            value = getattr(evaluation, self._name)
+            self._values = list(value() if callable(value) else value)
+        return self._values
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._get()
+
+    def __iter__(self):
+        return iter(self._get())
+
+
+def _add_evaluate_parser(sub: Any, fmt: Any) -> None:
+    e = sub.add_parser(
+        "evaluate", help="DSC/NSD of predictions", epilog=_EVALUATE_EXAMPLES, formatter_class=fmt
+    )
+    e.add_argument("pred", metavar="PRED", help="output folder of `universal segment`, or a label map")
+    e.add_argument("gt", metavar="GT", help="reference label map, or a folder of masks")
+    e.add_argument(
+        "--preset",
+        choices=_LazyChoices("PRESETS"),
+        default=None,
+        metavar="NAME",
+        help="scoring rules: %(choices)s (default: generic rules)",
+    )
+    e.add_argument(
+        "--gt-dataset",
+        choices=_LazyChoices("conventions"),
+        default=None,
+        metavar="NAME",
+        help="the ids of a GT label map: %(choices)s (default: universal)",
+    )
+    e.add_argument(
+        "--pred-dataset",
+        choices=_LazyChoices("conventions"),
+        default=None,
+        metavar="NAME",
+        help="the ids of a PRED label map (default: universal, what `universal segment` writes)",
+    )
+    e.add_argument("--classes", nargs="+", metavar="NAME", help="default: those segmented that GT annotates")
+    e.add_argument("--json", metavar="FILE", help="also write the scores, the classes skipped and why")
+    e.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from universal import metrics
-    from universal.io import load_volume
+    from universal import evaluation
 
     pred, gt = Path(args.pred), Path(args.gt)
     for p in (pred, gt):
         if not p.exists():
             return _fail(f"{p} does not exist")
-    # the reference grid: the GT label map itself (labels are read as HU-free volumes through load_label)
-    like = _label_grid(gt if gt.is_file() else next(iter(sorted((gt / "masks").glob("*.nii*"))), None))
-    if like is None:
-        return _fail(f"{gt} holds no masks")
-    gt_masks, annotated = _read_masks(gt, like, preset=args.preset, dataset=args.gt_dataset)
-    pred_masks, _ = _read_masks(pred, like, preset=args.preset, dataset=None)
-    classes = args.classes or None
-    if classes and args.preset != "flare23":
-        from universal.taxonomy import resolve_classes
-
-        classes = [c.name for c in resolve_classes(classes)]
-    if classes is None:
-        classes = list(gt_masks) if args.preset == "flare23" else sorted(set(gt_masks) | set(pred_masks))
-    shape = like.shape
-    empty = np.zeros(shape, bool)
-    pred_masks = {c: pred_masks.get(c, empty) for c in classes}
-    result = metrics.evaluate_case(
-        pred_masks,
-        {c: gt_masks.get(c, empty) for c in classes if annotated is None or c in annotated},
-        like.spacing,
+    result = evaluation.evaluate(
+        pred,
+        gt,
         preset=args.preset,
-        classes=classes,
-        annotated=annotated if annotated is not None else None,
+        classes=args.classes,
+        convention=args.gt_dataset,
+        prediction_convention=args.pred_dataset,
     )
     print(result.table())
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False, default=_nan_none))
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False))
         print(f"wrote {args.json}")
-    del load_volume
     return EXIT_OK
-
-
-def _nan_none(x: Any) -> Any:
-    return None
-
-
-def _label_grid(path: Path | None):
-    """A Volume-like grid (affine, shape, spacing) read from a label file, without HU checks."""
-    if path is None:
-        return None
-    from universal.io import label_grid
-
-    return label_grid(path)
 
 
 # ------------------------------------------------------------------------------------------------- train
 def _parse_override(item: str) -> tuple[str, str, Any]:
-    """``section.key=value`` (value in YAML syntax) → (section, key, value); path keys relative to the cwd."""
+    """``section.key=value`` (value in YAML syntax) → (section, key, value); relative paths against the cwd.
+
+    Only the syntax is checked here; the value is checked with the whole config by ``resolve_config``.
+    """
     import yaml
 
-    from universal.train import _PATH_KEYS
+    from universal.train import _absolutize, _yaml_load
 
     name, sep, text = item.partition("=")
     section, dot, key = name.strip().partition(".")
     if not (sep and dot and section and key):
         raise InputError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. --set train.time_budget_s=600")
     try:
-        value = yaml.safe_load(text)
+        value = _yaml_load(text)  # as in config files: 1e-3 is a number
     except yaml.YAMLError as exc:
         raise InputError(f"--set {item!r}: the value is not valid YAML ({exc})") from exc
-    if (section, key) in _PATH_KEYS and value not in (None, True, False, "auto"):
-        value = [str(Path(v).resolve()) for v in value] if isinstance(value, list) else str(Path(value).resolve())
-    return section, key, value
+    return section, key, _absolutize(section, key, value, Path.cwd())
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from universal.train import load_config, train
+    from collections.abc import Mapping
+
+    from universal.train import _absolutize, load_config, resolve_config, train
 
     config = load_config(args.config)
-    overrides = {}
-    if args.device:
-        overrides["device"] = args.device
-    if args.steps:
-        overrides["steps"] = args.steps
-    if args.out:
-        overrides["out_dir"] = args.out
-    if overrides:
-        config.setdefault("train", {}).update(overrides)
-    if args.resume:
-        config.setdefault("train", {})["resume"] = args.resume
-    for item in args.set or []:
-        section, key, value = _parse_override(item)
-        config[section] = {**(config.get(section) or {}), key: value}
-    result = train(config)
+    flags = {"device": args.device, "steps": args.steps, "out_dir": args.out, "resume": args.resume}
+    cwd = Path.cwd()
+    overrides = [("train", k, _absolutize("train", k, v, cwd)) for k, v in flags.items() if v is not None]
+    overrides += [_parse_override(item) for item in args.set or []]
+    for section, key, value in overrides:
+        values = config.get(section)
+        if values is None or isinstance(values, Mapping):  # else resolve_config names the bad section
+            config[section] = {**(values or {}), key: value}
+    cfg = resolve_config(config)  # every key at once, the overrides included, before any work
+    result = train(cfg)
     print(f"checkpoint: {result.checkpoint}")
     return EXIT_OK
 
 
 def _cmd_pseudo(args: argparse.Namespace) -> int:
-    from universal.model import load_pretrained
-    from universal.pseudo import PseudoLabelConfig, pseudo_label
+    from universal.predictor import Predictor
+    from universal.pseudo import EMPTY_POLICIES, PseudoLabelConfig, pseudo_label
 
-    model = load_pretrained(args.weights)
+    rules = {"min_confidence": args.min_confidence, "empty_as_negative": EMPTY_POLICIES.get(args.empty)}
     config = PseudoLabelConfig(
-        threshold=args.threshold,
-        min_confidence=args.min_confidence,
-        empty_as_negative=args.empty == "absent",
-    )
-    manifest, report = pseudo_label(
-        args.manifest,
-        model,
-        args.output,
-        config=config,
-        device=args.device,
-        fast=args.fast,
-    )
+        **{k: v for k, v in rules.items() if v is not None}
+    )  # validated before any load
+    teacher = Predictor(args.weights, _settings_from_args(args, return_probabilities=True))
+    manifest, report = pseudo_label(args.manifest, teacher, args.output, config)
     print(f"new manifest: {manifest}")
+    s = report["settings"]
+    empty = "absent" if s["empty_as_negative"] else "unannotated"
+    print(f"threshold {s['threshold']}, min confidence {s['min_confidence']}, empty predictions: {empty}")
     flagged = [c for c in report.get("cases", []) if c.get("flags")]
     print(f"{len(flagged)} case(s) flagged for review (see {Path(args.output) / 'quality_report.json'})")
     return EXIT_OK
@@ -318,40 +343,39 @@ def _cmd_classes(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
-    if not args.cli:
-        app = Path(__file__).resolve().parents[1] / "app.py"
-        if app.exists():
-            import os
-            import subprocess
+    """The dashboard (``$UNIVERSAL_APP``, else ``app.py`` in the current folder), or the terminal demo."""
+    from universal.app_logic import APP_ENV, DashboardConfig
 
-            headless = sys.platform.startswith("linux") and not os.environ.get("DISPLAY")
-            cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", str(headless).lower()]
-            print("starting the dashboard (Ctrl+C stops it): " + " ".join(cmd))
-            try:
-                return subprocess.call(cmd, cwd=app.parent)  # cwd: .streamlit/config.toml applies
-            except KeyboardInterrupt:
-                return EXIT_OK
+    app = None if args.cli else DashboardConfig.from_env().app
+    if app is not None and app.is_file():
+        import os
+        import subprocess
+
+        headless = sys.platform.startswith("linux") and not os.environ.get("DISPLAY")
+        cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", str(headless).lower()]
+        print("starting the dashboard (Ctrl+C stops it): " + " ".join(cmd))
+        try:
+            return subprocess.call(cmd, cwd=app.parent)  # cwd: its .streamlit/config.toml applies
+        except KeyboardInterrupt:
+            return EXIT_OK
+    if not args.cli:
+        print(f"no app.py here (set {APP_ENV} to the dashboard's app.py): the demo runs in the terminal")
     return _demo_cli(Path(args.out), fast=not args.standard)
 
 
 def _demo_cli(out: Path, fast: bool = True) -> int:
     """Segment the synthetic phantom with the built-in model and score it against the phantom's truth."""
-    from universal import metrics
-    from universal.inference import segment
-    from universal.model import load_pretrained
+    from universal import evaluation
     from universal.phantom import make_phantom
+    from universal.predictor import Predictor
 
     t0 = time.perf_counter()
     phantom = make_phantom()
-    model = load_pretrained("builtin")
     bar, progress = _progress_bar("phantom")
-    result = segment(phantom.volume, model=model, fast=fast, progress=progress)
+    result = Predictor("builtin", fast=fast).predict(phantom.volume, progress)
     bar.close()
     result.save(out / "phantom")
-    classes = [c for c in phantom.masks if c in result.masks]
-    scores = metrics.evaluate_case(
-        {c: result.masks[c] for c in classes}, {c: phantom.masks[c] for c in classes}, phantom.volume.spacing
-    )
+    scores = evaluation.evaluate(result, evaluation.read_reference(dict(phantom.masks), like=phantom.volume))
     print(scores.table())
     print(f"\nwrote {out / 'phantom'} in {time.perf_counter() - t0:.1f} s")
     return EXIT_OK
@@ -368,78 +392,116 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _add_segment_parser(sub, fmt)
+    _add_evaluate_parser(sub, fmt)
+    _add_train_parser(sub, fmt)
+    _add_pseudo_parser(sub, fmt)
+    _add_listing_parsers(sub, fmt)
+    return p
 
+
+def _add_segment_parser(sub: Any, fmt: Any) -> None:
     s = sub.add_parser("segment", help="segment CT scans", epilog=_SEGMENT_EXAMPLES, formatter_class=fmt)
     s.add_argument("inputs", nargs="+", metavar="CT", help="NIfTI, NRRD, MHA file, DICOM folder or DICOM zip")
     s.add_argument("-o", "--output", required=True, metavar="OUTDIR")
-    s.add_argument("--classes", nargs="+", metavar="NAME", help="class names or aliases (default: all)")
-    s.add_argument("--weights", default="builtin", metavar="NAME|PATH", help="see `universal models`")
-    s.add_argument("--template", default=None, metavar="TEXT", help="prompt template key or text with {}")
-    s.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
-    s.add_argument("--fast", action="store_true", help="3 mm instead of 1.5 mm (about 8x faster)")
-    s.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
-    s.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="forward-pass arithmetic (auto: float16 on CUDA, bfloat16 on CPUs that support it)")
+    _add_predictor_args(s)
     s.set_defaults(func=_cmd_segment)
 
-    e = sub.add_parser("evaluate", help="DSC/NSD of predictions", epilog=_EVALUATE_EXAMPLES, formatter_class=fmt)
-    e.add_argument("pred", metavar="PRED")
-    e.add_argument("gt", metavar="GT")
-    e.add_argument("--preset", choices=["flare23"], default=None, help="FLARE 2023 classes, tolerances and rules")
-    e.add_argument("--gt-dataset", default=None, metavar="NAME", help="GT label ids of this public dataset")
-    e.add_argument("--classes", nargs="+", metavar="NAME")
-    e.add_argument("--json", metavar="FILE", help="write {classes: {name: {dsc, nsd}}, mean: {...}}")
-    e.set_defaults(func=_cmd_evaluate)
 
-    t = sub.add_parser("train", help="train on partially labeled datasets (YAML/TOML config)", formatter_class=fmt,
-                       epilog="examples:\n  universal train configs/example_phantom.yaml\n"
-                       "  universal train configs/builtin.yaml --device cuda --set train.time_budget_s=300\n"
-                       "  torchrun --nproc_per_node 2 -m universal.cli train configs/builtin.yaml")
-    t.add_argument("config", help="YAML/TOML training config (see configs/ and universal/train.py)")
+def _add_train_parser(sub: Any, fmt: Any) -> None:
+    t = sub.add_parser(
+        "train",
+        help="train on partially labeled datasets (YAML/TOML config)",
+        formatter_class=fmt,
+        epilog="examples:\n  universal train configs/example_phantom.yaml\n"
+        "  universal train configs/builtin.yaml --device cuda --set train.time_budget_s=300\n"
+        "  torchrun --nproc_per_node 2 -m universal.cli train configs/builtin.yaml",
+    )
+    t.add_argument("config", help="YAML/TOML training config (every key: docs/CONFIG.md; examples: configs/)")
     t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (overrides train.device)")
     t.add_argument("--steps", type=int, default=None, help="override train.steps")
     t.add_argument("--out", default=None, metavar="DIR", help="override train.out_dir")
     t.add_argument("--resume", default=None, metavar="CKPT", help="resume from this training checkpoint")
-    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override any config key (YAML value; repeatable), e.g. --set synthesis.prob=0.5 "
-                   "--set train.time_budget_s=600; paths are relative to the current folder")
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override any config key (YAML value; repeatable), e.g. --set synthesis.prob=0.5 "
+        "--set train.time_budget_s=600; paths are relative to the current folder",
+    )
     t.set_defaults(func=_cmd_train)
 
-    q = sub.add_parser("pseudo-label", help="fill unannotated classes with a trained model's predictions",
-                       formatter_class=fmt,
-                       epilog="example:\n  universal pseudo-label train.json -o pseudo/ --weights run/final.pt")
+
+def _add_pseudo_parser(sub: Any, fmt: Any) -> None:
+    q = sub.add_parser(
+        "pseudo-label",
+        help="fill unannotated classes with a trained model's predictions",
+        formatter_class=fmt,
+        epilog="example:\n  universal pseudo-label train.json -o pseudo/ --weights run/final.pt",
+    )
     q.add_argument("manifest", help="JSON/CSV manifest of the cases to label (label may be missing)")
-    q.add_argument("-o", "--output", required=True, metavar="OUTDIR",
-                   help="writes manifest.json, labels/ and quality_report.json/.csv here")
-    q.add_argument("--weights", default="builtin", metavar="NAME|PATH", help="the teacher model")
-    q.add_argument("--threshold", type=float, default=0.5, help="probability threshold of predictions")
-    q.add_argument("--min-confidence", type=float, default=0.75,
-                   help="mean probability a predicted mask needs to become a pseudo-label (default 0.75)")
-    q.add_argument("--empty", choices=("absent", "unannotated"), default="absent",
-                   help="a class the teacher predicts nowhere: annotated absent (default) or left unannotated "
-                   "(masked in training; safer when the scans' field of view differs from the teacher's data)")
-    q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    q.add_argument("--fast", action="store_true", help="predict at 3 mm")
+    q.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUTDIR",
+        help="writes manifest.json, labels/ and quality_report.*",
+    )
+    _add_predictor_args(q, weights_help="the teacher model (see `universal models`)")
+    q.add_argument(
+        "--min-confidence",
+        type=float,
+        default=None,
+        help="mean probability a predicted mask needs to become a pseudo-label (default: "
+        f"{_pseudo_default('min_confidence')})",
+    )
+    q.add_argument(
+        "--empty",
+        choices=list(_pseudo_default("EMPTY_POLICIES")),
+        default=None,
+        help="a class the teacher predicts nowhere: annotated absent (default) or left unannotated "
+        "(masked in training; safer when the scans' field of view differs from the teacher's data)",
+    )
     q.set_defaults(func=_cmd_pseudo)
 
-    m = sub.add_parser("embed", help="encode class prompts with a text encoder", formatter_class=fmt,
-                       epilog="examples:\n  universal embed --encoder minilm --template photo\n"
-                       "  universal embed --encoder clip -o clip_ct.npy")
+
+def _add_listing_parsers(sub: Any, fmt: Any) -> None:
+    """``embed``, ``models``, ``classes`` and ``demo``."""
+    m = sub.add_parser(
+        "embed",
+        help="encode class prompts with a text encoder",
+        formatter_class=fmt,
+        epilog="examples:\n  universal embed --encoder minilm --template photo\n"
+        "  universal embed --encoder clip -o clip_ct.npy",
+    )
     m.add_argument("--encoder", default="auto", help="minilm, clip[:MODEL:WEIGHTS], table:FILE, onehot, auto")
     m.add_argument("--template", default="ct")
     m.add_argument("--classes", nargs="+", metavar="NAME")
     m.add_argument("-o", "--output", default=None, metavar="FILE.npy")
     m.set_defaults(func=_cmd_embed)
-
     sub.add_parser("models", help="list backbones and pretrained weights").set_defaults(func=_cmd_models)
-    sub.add_parser("classes", help="list the 32 universal classes and datasets").set_defaults(func=_cmd_classes)
-
-    d = sub.add_parser("demo", help="the dashboard on the built-in sample (or --cli: the phantom in the terminal)")
+    sub.add_parser("classes", help="list the 32 universal classes and datasets").set_defaults(
+        func=_cmd_classes
+    )
+    d = sub.add_parser(
+        "demo", help="the dashboard on the built-in sample (or --cli: the phantom in the terminal)"
+    )
     d.add_argument("--cli", action="store_true", help="segment the phantom in the terminal instead")
     d.add_argument("--standard", action="store_true", help="1.5 mm instead of fast mode")
     d.add_argument("--out", default="outputs/demo")
     d.set_defaults(func=_cmd_demo)
-    return p
+
+
+def _pseudo_default(name: str) -> Any:
+    """A default of :class:`universal.pseudo.PseudoLabelConfig` (shown in help; one home for it)."""
+    import dataclasses
+
+    from universal import pseudo
+    from universal.pseudo import PseudoLabelConfig
+
+    if name.isupper():
+        return getattr(pseudo, name)
+    return {f.name: f.default for f in dataclasses.fields(PseudoLabelConfig)}[name]
 
 
 def _version() -> str:

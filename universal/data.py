@@ -58,12 +58,16 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from universal.errors import InputError, UniversalError
-from universal.io import atomic_write_text
+from universal import taxonomy
+from universal.errors import ClassNameError, InputError, UniversalError
+from universal.io import atomic_write_text, load_label, load_volume
+from universal.phantom import Phantom, make_phantom
+from universal.preprocess import PreprocessConfig, preprocess
 
 if TYPE_CHECKING:  # pragma: no cover
     from universal.io import Volume
@@ -93,19 +97,13 @@ _IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".zip", 
 
 
 # ----------------------------------------------------------------------------------------------------- label maps
-def _taxonomy():
-    from universal import taxonomy
-
-    return taxonomy
-
-
 def _canonical(name: str) -> str:
     """Canonical universal class name (raises ClassNameError for unknown names)."""
-    return _taxonomy().resolve_class(name).name
+    return taxonomy.resolve_class(name).name
 
 
 def _class_names(classes: Iterable | None) -> list[str]:
-    return [c.name for c in _taxonomy().resolve_classes(classes)]
+    return [c.name for c in taxonomy.resolve_classes(classes)]
 
 
 def label_map_from_spec(name: str, spec: str | Mapping[str, Any]) -> DatasetLabelMap:
@@ -122,16 +120,40 @@ def label_map_from_spec(name: str, spec: str | Mapping[str, Any]) -> DatasetLabe
         InputError: malformed spec, unknown dataset name, a tumour value that forgets its annotated parent organ.
         ClassNameError: unknown class names (the message lists the closest valid names).
     """
-    from universal.errors import ClassNameError
-
-    tax = _taxonomy()
     if isinstance(spec, str):
         try:
-            return tax.dataset(spec)
+            return taxonomy.dataset(spec)
         except ClassNameError as exc:
             raise InputError(
                 f'{exc} Or define the dataset inline, e.g. {{"labels": {{"1": ["liver"]}}}}.'
             ) from None
+    _check_spec_keys(name, spec)
+    labels = _spec_labels(name, spec.get("labels") or {})
+    split_lr = _spec_split_lr(name, spec.get("split_lr") or {})
+    for v in split_lr:
+        labels.setdefault(v, ())
+    named = [n for names in labels.values() for n in names] + [n for pair in split_lr.values() for n in pair]
+    annotated = spec.get("annotated")
+    annotated = tuple(dict.fromkeys(_canonical(n) for n in (annotated if annotated is not None else named)))
+    annotated = tuple(sorted(annotated, key=lambda n: taxonomy.resolve_class(n).index))
+    ignore = sorted({_label_value(name, v) for v in (spec.get("ignore") or [])})
+    clash = sorted(set(ignore) & set(labels))
+    if clash:
+        raise InputError(f"dataset {name!r}: label value(s) {clash} are both mapped and in 'ignore'")
+    _check_tumour_parents(name, labels, split_lr, annotated)
+    return taxonomy.DatasetLabelMap(
+        name=name,
+        full_name=str(spec.get("description") or name),
+        labels=MappingProxyType(dict(sorted(labels.items()))),
+        split_lr=MappingProxyType(dict(sorted(split_lr.items()))),
+        annotated=annotated,
+        source_names=MappingProxyType({}),
+        unmapped=MappingProxyType({v: "declared in the manifest's ignore list" for v in ignore}),
+    )
+
+
+def _check_spec_keys(name: str, spec: Any) -> None:
+    """An inline label map is a dict with only the known keys."""
     if not isinstance(spec, Mapping):
         raise InputError(
             f"dataset {name!r}: a label map must be a registered name or a dict, not {type(spec).__name__}"
@@ -142,7 +164,10 @@ def label_map_from_spec(name: str, spec: str | Mapping[str, Any]) -> DatasetLabe
             f"dataset {name!r}: unknown keys {sorted(unknown_keys)} in the label map "
             "(valid: labels, split_lr, annotated, ignore, description)"
         )
-    raw_labels = spec.get("labels") or {}
+
+
+def _spec_labels(name: str, raw_labels: Any) -> dict[int, tuple[str, ...]]:
+    """The ``labels`` of an inline map: label value → canonical class names (deduplicated, in order)."""
     if not isinstance(raw_labels, Mapping):
         raise InputError(f'dataset {name!r}: "labels" must map label values to lists of class names')
     labels: dict[int, tuple[str, ...]] = {}
@@ -150,49 +175,44 @@ def label_map_from_spec(name: str, spec: str | Mapping[str, Any]) -> DatasetLabe
         v = _label_value(name, value)
         names = [names] if isinstance(names, str) else list(names or [])
         labels[v] = tuple(dict.fromkeys(_canonical(n) for n in names))
+    return labels
+
+
+def _spec_split_lr(name: str, raw: Mapping[Any, Any]) -> dict[int, tuple[str, str]]:
+    """The ``split_lr`` of an inline map: label value → (right class, left class) of a paired organ."""
     split_lr: dict[int, tuple[str, str]] = {}
-    for value, pair in (spec.get("split_lr") or {}).items():
+    for value, pair in raw.items():
         v = _label_value(name, value)
         if isinstance(pair, str) or len(pair) != 2:
             raise InputError(
                 f'dataset {name!r}: "split_lr" value {value} must name [right class, left class]'
             )
-        right, left = tax.resolve_class(pair[0]), tax.resolve_class(pair[1])
+        right, left = taxonomy.resolve_class(pair[0]), taxonomy.resolve_class(pair[1])
         if right.side != "right" or left.side != "left" or right.paired != left.name:
             raise InputError(
                 f'dataset {name!r}: "split_lr" value {value} must be a [right, left] pair, got {[right.name, left.name]}'
             )
         split_lr[v] = (right.name, left.name)
-        labels.setdefault(v, ())
-    named = [n for names in labels.values() for n in names] + [n for pair in split_lr.values() for n in pair]
-    annotated = spec.get("annotated")
-    annotated = tuple(dict.fromkeys(_canonical(n) for n in (annotated if annotated is not None else named)))
-    annotated = tuple(sorted(annotated, key=lambda n: tax.resolve_class(n).index))
-    ignore = sorted({_label_value(name, v) for v in (spec.get("ignore") or [])})
-    clash = sorted(set(ignore) & set(labels))
-    if clash:
-        raise InputError(f"dataset {name!r}: label value(s) {clash} are both mapped and in 'ignore'")
+    return split_lr
+
+
+def _check_tumour_parents(
+    name: str,
+    labels: Mapping[int, tuple[str, ...]],
+    split_lr: Mapping[int, tuple[str, str]],
+    annotated: tuple[str, ...],
+) -> None:
+    """One-vs-all: a tumour value must also set its parent organ whenever the map annotates that organ."""
     for v, cls in labels.items():
         targets = set(cls) | set(split_lr.get(v, ()))
         for n in cls:
-            info = tax.resolve_class(n)
+            info = taxonomy.resolve_class(n)
             parents = [p for p in info.parent if p in annotated]
             if info.is_tumor and parents and not targets & set(info.parent):
                 raise InputError(
                     f"dataset {name!r}: label {v} ({n}) must also list its parent organ ({' or '.join(parents)}), "
                     "because masks are one-vs-all (a tumour voxel is also an organ voxel)"
                 )
-    from types import MappingProxyType
-
-    return tax.DatasetLabelMap(
-        name=name,
-        full_name=str(spec.get("description") or name),
-        labels=MappingProxyType(dict(sorted(labels.items()))),
-        split_lr=MappingProxyType(dict(sorted(split_lr.items()))),
-        annotated=annotated,
-        source_names=MappingProxyType({}),
-        unmapped=MappingProxyType({v: "declared in the manifest's ignore list" for v in ignore}),
-    )
 
 
 def _label_value(dataset: str, value: Any) -> int:
@@ -207,7 +227,7 @@ def _label_value(dataset: str, value: Any) -> int:
 
 def _is_registered(label_map: DatasetLabelMap) -> bool:
     try:
-        return _taxonomy().dataset(label_map.name) is label_map
+        return taxonomy.dataset(label_map.name) is label_map
     except Exception:  # noqa: BLE001 - unknown name
         return False
 
@@ -287,8 +307,6 @@ class Case:
 
     def load(self, classes: Iterable | None = None) -> tuple[Volume, np.ndarray | None]:
         """The CT (RAS+ HU :class:`~universal.io.Volume`) and its one-vs-all masks ``(K, X, Y, Z)`` bool (or None)."""
-        from universal.io import load_volume
-
         volume = load_volume(self.image)
         return volume, (case_targets(self, volume, classes) if self.labeled else None)
 
@@ -298,8 +316,6 @@ def case_targets(case: Case, volume: Volume, classes: Iterable | None = None) ->
 
     Classes the case does not annotate come back as all-False channels (their availability is False anyway).
     """
-    from universal.io import load_label
-
     names = _class_names(classes)
     if not case.labeled:
         return np.zeros((len(names), *volume.shape), dtype=bool)
@@ -308,7 +324,7 @@ def case_targets(case: Case, volume: Volume, classes: Iterable | None = None) ->
 
 
 def _transfer(label: np.ndarray, case: Case, affine: np.ndarray, names: list[str]) -> np.ndarray:
-    masks = _taxonomy().transfer_labels(label, case.label_map, affine, names)
+    masks = taxonomy.transfer_labels(label, case.label_map, affine, names)
     masks = np.asarray(masks, dtype=bool)
     avail = case.availability(names)
     if not avail.all():  # a per-case subset: channels the case does not annotate hold no information
@@ -420,8 +436,6 @@ def _case_name(image: str) -> str:
 
 def manifest_from_dict(data: Mapping[str, Any], root: str | os.PathLike = ".") -> Manifest:
     """Build a :class:`Manifest` from its dict form; relative paths are taken relative to ``root``."""
-    from universal.errors import ClassNameError
-
     if not isinstance(data, Mapping) or not isinstance(data.get("cases"), list):
         raise InputError(
             'a manifest must be an object with a "cases" list (see universal.data for the format)'
@@ -431,58 +445,73 @@ def manifest_from_dict(data: Mapping[str, Any], root: str | os.PathLike = ".") -
         raise InputError(
             f"manifest version {version} is not supported (this version reads {MANIFEST_VERSION})"
         )
-    root = Path(root)
     problems: list[str] = []
-    datasets: dict[str, Any] = {}
-
-    def resolve(name: str, spec: Any) -> Any:
-        try:
-            return label_map_from_spec(name, spec)
-        except (InputError, ClassNameError) as exc:
-            problems.append(f"dataset {name!r}: {exc}")
-            return None
-
-    for name, spec in (data.get("datasets") or {}).items():
-        datasets[str(name)] = resolve(str(name), spec)
-
+    datasets: dict[str, Any] = {
+        str(name): _resolve_spec(str(name), spec, problems)
+        for name, spec in (data.get("datasets") or {}).items()
+    }
     cases: list[Case] = []
     for i, entry in enumerate(data["cases"]):
         if not isinstance(entry, Mapping) or not entry.get("image"):
             problems.append(f"case #{i}: an entry needs at least an 'image' path")
             continue
-        image = _resolve_path(root, entry["image"])
-        label = _resolve_path(root, entry["label"]) if entry.get("label") else None
-        name = str(entry.get("name") or _case_name(entry["image"]))
-        ds = str(entry.get("dataset") or "")
-        label_map = None
-        if entry.get("label_map") is not None:
-            ds = ds or name
-            label_map = resolve(ds, entry["label_map"])
-            if label_map is not None and ds not in datasets:
-                datasets[ds] = label_map
-        elif ds in datasets:
-            label_map = datasets[ds]
-        elif ds:
-            try:
-                label_map = _taxonomy().dataset(ds)
-                datasets[ds] = label_map
-            except ClassNameError as exc:
-                if label is not None:
-                    problems.append(
-                        f'case {name!r}: {exc} Or define {ds!r} under "datasets" in the manifest.'
-                    )
-        elif label is not None:
-            problems.append(f"case {name!r}: a labeled case needs a 'dataset' (or an inline 'label_map')")
-        annotated = pseudo = None
-        try:
-            if entry.get("annotated") is not None:
-                annotated = tuple(dict.fromkeys(_canonical(n) for n in entry["annotated"]))
-            pseudo = tuple(dict.fromkeys(_canonical(n) for n in entry.get("pseudo") or ()))
-        except ClassNameError as exc:
-            problems.append(f"case {name!r}: {exc}")
-        meta = {k: v for k, v in entry.items() if k not in _CASE_KEYS}
-        cases.append(Case(name, image, label, ds, label_map, annotated, pseudo or (), meta))
+        cases.append(_case_from_entry(entry, Path(root), datasets, problems))
     return Manifest(tuple(cases), datasets, None, tuple(problems))
+
+
+def _resolve_spec(name: str, spec: Any, problems: list[str]) -> DatasetLabelMap | None:
+    """:func:`label_map_from_spec`, or ``None`` with the reason appended to ``problems``."""
+    try:
+        return label_map_from_spec(name, spec)
+    except (InputError, ClassNameError) as exc:
+        problems.append(f"dataset {name!r}: {exc}")
+        return None
+
+
+def _case_from_entry(
+    entry: Mapping[str, Any], root: Path, datasets: dict[str, Any], problems: list[str]
+) -> Case:
+    """One manifest case; appends its problems to ``problems`` and the datasets it names to ``datasets``."""
+    image = _resolve_path(root, entry["image"])
+    label = _resolve_path(root, entry["label"]) if entry.get("label") else None
+    name = str(entry.get("name") or _case_name(entry["image"]))
+    ds = str(entry.get("dataset") or "")
+    if entry.get("label_map") is not None:
+        ds = ds or name
+    label_map = _case_label_map(entry, name, ds, label is not None, datasets, problems)
+    annotated = pseudo = None
+    try:
+        if entry.get("annotated") is not None:
+            annotated = tuple(dict.fromkeys(_canonical(n) for n in entry["annotated"]))
+        pseudo = tuple(dict.fromkeys(_canonical(n) for n in entry.get("pseudo") or ()))
+    except ClassNameError as exc:
+        problems.append(f"case {name!r}: {exc}")
+    meta = {k: v for k, v in entry.items() if k not in _CASE_KEYS}
+    return Case(name, image, label, ds, label_map, annotated, pseudo or (), meta)
+
+
+def _case_label_map(
+    entry: Mapping[str, Any], name: str, ds: str, labeled: bool, datasets: dict[str, Any], problems: list[str]
+) -> DatasetLabelMap | None:
+    """A case's label map: its inline ``label_map``, else its dataset (manifest or registered), else ``None``."""
+    if entry.get("label_map") is not None:
+        label_map = _resolve_spec(ds, entry["label_map"], problems)
+        if label_map is not None and ds not in datasets:
+            datasets[ds] = label_map
+        return label_map
+    if ds in datasets:
+        return datasets[ds]
+    if ds:
+        try:
+            datasets[ds] = taxonomy.dataset(ds)
+        except ClassNameError as exc:
+            if labeled:
+                problems.append(f'case {name!r}: {exc} Or define {ds!r} under "datasets" in the manifest.')
+            return None
+        return datasets[ds]
+    if labeled:
+        problems.append(f"case {name!r}: a labeled case needs a 'dataset' (or an inline 'label_map')")
+    return None
 
 
 _CASE_KEYS = {"name", "image", "label", "dataset", "label_map", "annotated", "pseudo"}
@@ -595,8 +624,6 @@ def validate_manifest(
 
 
 def _check_label_values(case: Case) -> list[str]:
-    from universal.io import load_label
-
     try:
         label = load_label(case.label)
     except UniversalError as exc:
@@ -687,9 +714,6 @@ def prepare_case(
     HU window → [0, 1]); the integer label map is resampled with nearest neighbour onto that grid and only then
     transferred to one-vs-all masks of ``classes`` (left/right split by world x on the training grid).
     """
-    from universal.io import load_label, load_volume
-    from universal.preprocess import PreprocessConfig, preprocess
-
     names = _class_names(classes)
     volume = load_volume(case.image)
     spacing_t = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,)))
@@ -756,7 +780,7 @@ def paired_channel_permutation(classes: Iterable | None = None) -> np.ndarray:
     >>> paired_channel_permutation(["liver", "right kidney", "left kidney"]).tolist()
     [0, 2, 1]
     """
-    infos = _taxonomy().resolve_classes(classes)
+    infos = taxonomy.resolve_classes(classes)
     pos = {c.name: i for i, c in enumerate(infos)}
     perm = np.arange(len(infos))
     for i, c in enumerate(infos):
@@ -940,11 +964,6 @@ def write_phantom_dataset(
     >>> load_manifest(p).cases[0].annotated_classes()
     ('liver',)
     """
-    import nibabel as nib
-
-    from universal.phantom import make_phantom
-
-    tax = _taxonomy()
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
@@ -957,28 +976,17 @@ def write_phantom_dataset(
             shape=tuple(int(s) for s in shape), spacing=tuple(float(s) for s in spacing), seed=seed + i
         )
         name = f"case{i:03d}"
-        img_path = out / "images" / f"{name}.nii.gz"
-        nib.save(nib.Nifti1Image(np.asarray(ph.volume.array, np.float32), ph.volume.affine), str(img_path))
-        if i >= n_cases:
-            cases.append(
-                {"name": name, "image": f"images/{name}.nii.gz", "label": None, "dataset": "unlabeled"}
-            )
-            continue
-        ds = ds_names[i % len(ds_names)]
-        wanted = label_sets[ds]
-        present = [c for c in ph.masks]
-        keep = _class_names(wanted) if wanted is not None else _class_names(present)
-        masks = {c: ph.masks[c] for c in keep if c in ph.masks}
-        lab = np.asarray(
-            tax.masks_to_label_map(masks, keep) if masks else np.zeros(ph.volume.shape, np.int16)
+        _save_nifti(
+            out / "images" / f"{name}.nii.gz", np.asarray(ph.volume.array, np.float32), ph.volume.affine
         )
-        lab_path = out / "labels" / f"{name}.nii.gz"
-        nib.save(nib.Nifti1Image(lab.astype(np.int16), ph.volume.affine), str(lab_path))
-        if ds not in datasets:
-            datasets[ds] = universal_id_label_map_spec(keep)
-        cases.append(
-            {"name": name, "image": f"images/{name}.nii.gz", "label": f"labels/{name}.nii.gz", "dataset": ds}
-        )
+        case = {"name": name, "image": f"images/{name}.nii.gz", "label": None, "dataset": "unlabeled"}
+        if i < n_cases:
+            ds = ds_names[i % len(ds_names)]
+            keep = _write_phantom_label(out / "labels" / f"{name}.nii.gz", ph, label_sets[ds])
+            if ds not in datasets:
+                datasets[ds] = universal_id_label_map_spec(keep)
+            case.update(label=f"labels/{name}.nii.gz", dataset=ds)
+        cases.append(case)
     if unlabeled:
         datasets.setdefault("unlabeled", {"labels": {}, "annotated": []})
     path = out / manifest_name
@@ -986,6 +994,23 @@ def write_phantom_dataset(
         path, json.dumps({"version": MANIFEST_VERSION, "datasets": datasets, "cases": cases}, indent=2)
     )
     return path
+
+
+def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+
+
+def _write_phantom_label(path: Path, ph: Phantom, wanted: Sequence[str] | None) -> list[str]:
+    """Save the label map of ``wanted`` classes (``None``: all drawn) of phantom ``ph``; returns those classes."""
+    keep = _class_names(wanted) if wanted is not None else _class_names(list(ph.masks))
+    masks = {c: ph.masks[c] for c in keep if c in ph.masks}
+    lab = np.asarray(
+        taxonomy.masks_to_label_map(masks, keep) if masks else np.zeros(ph.volume.shape, np.int16)
+    )
+    _save_nifti(path, lab.astype(np.int16), ph.volume.affine)
+    return keep
 
 
 def universal_id_label_map_spec(classes: Iterable | None = None) -> dict[str, Any]:
@@ -1000,16 +1025,15 @@ def universal_id_label_map_spec(classes: Iterable | None = None) -> dict[str, An
     >>> universal_id_label_map_spec(["right kidney", "left kidney", "kidney tumor"])["split_lr"]
     {'26': ['right kidney', 'left kidney']}
     """
-    tax = _taxonomy()
-    infos = tax.resolve_classes(classes)
+    infos = taxonomy.resolve_classes(classes)
     names = {c.name for c in infos}
     labels: dict[str, list[str]] = {}
     split: dict[str, list[str]] = {}
     for c in infos:
         members = [c.name]
         parents = [p for p in c.parent if p in names]
-        if len(parents) == 2 and tax.resolve_class(parents[0]).paired == parents[1]:
-            right, left = sorted(parents, key=lambda p: tax.resolve_class(p).side != "right")
+        if len(parents) == 2 and taxonomy.resolve_class(parents[0]).paired == parents[1]:
+            right, left = sorted(parents, key=lambda p: taxonomy.resolve_class(p).side != "right")
             split[str(c.index)] = [right, left]
         else:
             members.extend(parents)

@@ -40,20 +40,26 @@ Design for memory and speed (measured in ``bench/inference.py``):
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from universal import preprocess as pp
+from universal import taxonomy
+from universal.io import Volume, atomic_write_text, json_float, load_volume, save_mask, to_json
+from universal.spec import PRECISIONS
+
 __all__ = [
+    "STAGE_START",
     "Segmentation",
     "clear_model_cache",
     "gaussian_weights",
@@ -64,8 +70,8 @@ __all__ = [
 
 ProgressFn = Callable[[str, float], None]
 
-# overall progress fraction at the start of each stage (a single bar for the CLI and the app)
-_STAGE_START = {
+#: overall progress fraction at the start of each stage (one bar for the CLI and the app); stage → fraction
+STAGE_START = {
     "load": 0.0,
     "model": 0.02,
     "preprocess": 0.05,
@@ -108,18 +114,16 @@ class Segmentation:
 
     def label_map(self) -> np.ndarray:
         """int16 label map (X, Y, Z) with universal class ids (1..32), tumours drawn over their organs."""
-        from universal import taxonomy
-
         return taxonomy.masks_to_label_map(self.masks, list(self.masks))
 
     def report(self) -> dict[str, Any]:
         """A JSON-ready summary: per-class volume (mL) and mean HU (``None`` when empty), timings (s), model info."""
         return {
             "case": getattr(self.volume, "name", "volume"),
-            **{k: _jsonable(v) for k, v in self.info.items()},
+            **to_json(self.info, ndigits=4, default=str),
             "classes": list(self.masks),
-            "volumes_ml": {n: _json_float(self.volumes_ml.get(n)) for n in self.masks},
-            "mean_hu": {n: _json_float(self.mean_hu.get(n)) for n in self.masks},
+            "volumes_ml": {n: json_float(self.volumes_ml.get(n), 4) for n in self.masks},
+            "mean_hu": {n: json_float(self.mean_hu.get(n), 4) for n in self.masks},
             "timings": {k: round(float(v), 4) for k, v in self.timings.items()},  # seconds
         }
 
@@ -132,16 +136,12 @@ class Segmentation:
         Returns:
             A dict ``{"masks": folder, "labels": path, "report": path}``.
         """
-        from universal.io import save_mask
-
         out = Path(outdir)
         (out / "masks").mkdir(parents=True, exist_ok=True)
         for name, mask in self.masks.items():
             save_mask(mask, self.volume, out / "masks" / f"{mask_file_stem(name)}.nii.gz", dtype=np.uint8)
         save_mask(self.label_map(), self.volume, out / "labels.nii.gz", dtype=np.int16)
         report = out / "report.json"
-        from universal.io import atomic_write_text
-
         atomic_write_text(report, json.dumps(self.report(), indent=2, allow_nan=False) + "\n")
         return {"masks": out / "masks", "labels": out / "labels.nii.gz", "report": report}
 
@@ -160,152 +160,82 @@ def segment(
     template: str | None = None,
     device=None,
     fast: bool = False,
-    overlap: float = 0.25,
+    overlap: float | None = None,
     sw_batch_size: int | None = None,
     patch_size: int | Sequence[int] | None = None,
     return_probabilities: bool = False,
     postprocess=True,
     progress: ProgressFn | None = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     preprocess_config=None,
-    precision: str = "auto",
+    precision: str | None = None,
 ) -> Segmentation:
-    """Segment the requested classes of a CT.
+    """Segment the requested classes of a CT: ``Predictor(model, **settings).predict(volume_or_path)``.
+
+    A thin wrapper for one call; to segment many CTs build a :class:`~universal.predictor.Predictor` once. Every
+    setting left at ``None`` takes the value of the model's :class:`~universal.spec.ModelSpec` (window size,
+    overlap, threshold, precision, spacing, HU window, crop). See :class:`~universal.predictor.PredictorSettings`
+    for each setting (``preprocess_config`` is its ``preprocessing``).
 
     Args:
         volume_or_path: A :class:`~universal.io.Volume` or a path that :func:`universal.io.load_volume` reads.
-        classes: Class names (any spelling :func:`universal.taxonomy.resolve_class` accepts); ``None`` = all of the
-            model's classes. Only these classes' heads are computed.
-        model: A ``UniversalModel``, a pretrained name or checkpoint path (:func:`universal.model.load_pretrained`),
-            or ``None`` for the built-in model (loaded once per process).
-        template: Prompt template (key such as ``"ct"`` or a text with ``{}``); when it differs from the model's,
-            a re-prompted copy is used (the given or cached model is not changed).
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``; ``None`` = CUDA when available.
-        fast: Work at 3 mm instead of the model's spacing (1.5 mm: ≈ 8× fewer voxels; coarser masks).
-        overlap: Fraction of overlap between neighbouring 96³ windows (the paper's code uses 0.5).
-        sw_batch_size: Windows per forward pass (default 4 on CUDA; 1 on CPU, where batching gains no speed and
-            doubles the memory of a forward pass).
-        patch_size: Window size in voxels (default: the model's training window if recorded, else 96).
-        return_probabilities: Also return float16 probabilities on the input grid.
-        postprocess: ``True`` (default rules), ``False``/``None`` (raw thresholded masks) or a
-            :class:`universal.postprocess.PostprocessConfig`.
-        progress: ``callback(stage, fraction)`` with ``fraction`` the overall progress in [0, 1].
-        threshold: Probability threshold of the masks.
-        preprocess_config: A :class:`universal.preprocess.PreprocessConfig` overriding the spacing/window/crop
-            (``fast`` is then ignored).
-        precision: Arithmetic of the forward passes: ``"auto"`` (float16 autocast on CUDA, bfloat16 autocast on a
-            CPU with native bfloat16 support, else float32), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
-            Accumulation and thresholding are float32 in every case.
+        classes: Class names; ``None`` = all of the model's classes. Only these classes' heads are computed.
+        model: A ``UniversalModel``, a pretrained name or checkpoint path, or ``None`` for the built-in model
+            (loaded once per process; the given model is never changed).
 
     Returns:
         A :class:`Segmentation` on the input volume's grid.
 
     Raises:
+        InputError: An invalid setting, an absent device, or a file that cannot be read as a CT.
         ClassNameError: A class name that does not exist or that the model does not segment.
-        InputError: A file that cannot be read as a CT.
 
     >>> import universal  # doctest: +SKIP
     >>> seg = universal.segment("ct.nii.gz", classes=["liver", "liver tumor"])  # doctest: +SKIP
     >>> seg.volumes_ml["liver"], seg.save("out/")  # doctest: +SKIP
     """
-    import torch
+    from universal.predictor import Predictor, PredictorSettings
 
-    from universal import preprocess as pp
+    _check_input_type(volume_or_path)
+    settings = PredictorSettings(
+        device=device,
+        precision=precision,
+        overlap=overlap,
+        threshold=threshold,
+        fast=fast,
+        postprocess=postprocess,
+        classes=None if classes is None else ((classes,) if isinstance(classes, str) else tuple(classes)),
+        template=template,
+        sw_batch_size=sw_batch_size,
+        patch_size=patch_size,
+        preprocessing=preprocess_config,
+        return_probabilities=return_probabilities,
+    )
+    return Predictor(model, settings).predict(volume_or_path, progress)
 
+
+def run_pipeline(predictor, volume_or_path, progress: ProgressFn | None = None) -> Segmentation:
+    """The stages of :meth:`Predictor.predict`: load, preprocess, sliding window, post-process, map back."""
+    r = predictor.resolved
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     report = _progress_reporter(progress)
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    pp_config = _postprocess_config(postprocess)  # validated before any work
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-
-    # load
-    report("load", 0.0)
-    t = time.perf_counter()
-    volume = _as_volume(volume_or_path)
-    timings["load"] = time.perf_counter() - t
-
-    # model
-    report("model", 0.0)
-    t = time.perf_counter()
-    dev = _resolve_device(device)
-    net, model_label = _prepare_model(model, template, dev)
-    names = _resolve_requested(classes, net)
-    timings["model"] = time.perf_counter() - t
-
-    # preprocess
-    report("preprocess", 0.0)
-    t = time.perf_counter()
-    if preprocess_config is None:
-        preprocess_config = _preprocess_config(net, fast)
-    prepared = pp.preprocess(volume, preprocess_config)
-    timings["preprocess"] = time.perf_counter() - t
-
-    # inference
-    report("inference", 0.0)
-    t = time.perf_counter()
-    psize = _patch_size(patch_size, net)
-    bs = sw_batch_size or (4 if dev.type == "cuda" else 1)
-    with _eval_mode(net), _head_chunking(net, bs, psize, dev):
-        masks_p, probs_p = sliding_window_predict(
-            prepared.array,
-            net,
-            names,
-            patch_size=psize,
-            overlap=overlap,
-            sw_batch_size=bs,
-            device=dev,
-            threshold=threshold,
-            return_probabilities=return_probabilities,
-            progress=lambda f: report("inference", f),
-            precision=precision,
-        )
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    timings["inference"] = time.perf_counter() - t
-
-    # postprocess (on the prepared grid)
-    report("postprocess", 0.0)
-    t = time.perf_counter()
-    masks_prep = dict(zip(names, masks_p))
+    timings: dict[str, float] = {}
+    clock = _StageClock(timings, report)
+    with clock("load"):
+        volume = _as_volume(volume_or_path)
+    timings["model"] = predictor.take_load_seconds()  # loading happened when the Predictor was built
+    with clock("preprocess"):
+        prepared = pp.preprocess(volume, r.preprocessing)
+    with clock("inference"):
+        masks_p, probs_p = _infer(predictor, prepared.array, lambda f: report("inference", f))
+    with clock("postprocess"):
+        masks_prep = _postprocess(dict(zip(r.classes, masks_p)), volume, prepared, r.postprocess)
     del masks_p
-    if pp_config is not None:
-        from universal import postprocess as post
-
-        body_x = None
-        if _has_paired(names):  # sides are decided against the body's midline, measured on the source CT
-            body_x = post.body_midline_x_mm(volume.array, volume.affine)
-        masks_prep = dict(post.postprocess(masks_prep, prepared.affine, pp_config, body_x_mm=body_x))
-    timings["postprocess"] = time.perf_counter() - t
-
-    # resample back onto the input grid, class by class (each prepared mask is dropped once mapped back)
-    t = time.perf_counter()
-    masks: dict[str, np.ndarray] = {}
-    probabilities: dict[str, np.ndarray] | None = {} if return_probabilities else None
-    for i, name in enumerate(names):
-        report("resample", i / max(1, len(names)))
-        masks[name] = pp.resample_to_source(np.asarray(masks_prep.pop(name), dtype=bool), prepared, order=1)
-        if probabilities is not None and probs_p is not None:
-            probabilities[name] = pp.resample_to_source(probs_p[i], prepared, order=1)
-            probs_p[i] = None  # type: ignore[call-overload]
-    timings["resample"] = time.perf_counter() - t
-
-    voxel_ml = abs(float(np.linalg.det(np.asarray(volume.affine)[:3, :3]))) / 1000.0
-    volumes_ml = {n: float(np.count_nonzero(m)) * voxel_ml for n, m in masks.items()}
-    hu = np.asarray(volume.array)
-    mean_hu = {
-        n: (float(hu[m].mean(dtype=np.float64)) if m.any() else float("nan")) for n, m in masks.items()
-    }
-    timings["total"] = time.perf_counter() - t_start
+    with clock("resample"):
+        masks, probabilities = _map_back(masks_prep, probs_p, prepared, list(r.classes), report)
+    volumes_ml, mean_hu = _measure(masks, volume)
+    timings["total"] = time.perf_counter() - t_start + timings["model"]
     report("done", 1.0)
-
-    info = _info(net, model_label, dev, prepared, names, psize, overlap, bs, fast, threshold, pp_config)
-    ac = autocast_dtype_for(dev, precision)
-    info["precision"] = "float32" if ac is None else str(ac).replace("torch.", "")
     return Segmentation(
         masks=masks,
         volume=volume,
@@ -313,8 +243,79 @@ def segment(
         volumes_ml=volumes_ml,
         mean_hu=mean_hu,
         timings=timings,
-        info=info,
+        info=_info(predictor, prepared),
     )
+
+
+class _StageClock:
+    """``with clock("stage"):`` reports the stage's start and records its seconds in ``timings``."""
+
+    def __init__(self, timings: dict[str, float], report: Callable[[str, float], None]) -> None:
+        self.timings, self.report = timings, report
+
+    @contextmanager
+    def __call__(self, stage: str):
+        self.report(stage, 0.0)
+        t = time.perf_counter()
+        yield
+        self.timings[stage] = time.perf_counter() - t
+
+
+def _infer(predictor, image: np.ndarray, progress: Callable[[float], None]):
+    import torch
+
+    r, net, dev = predictor.resolved, predictor.model, predictor.device
+    with _eval_mode(net), _head_chunking(net, r.sw_batch_size, r.patch_size, dev):
+        out = sliding_window_predict(
+            image,
+            net,
+            list(r.classes),
+            patch_size=r.patch_size,
+            overlap=r.overlap,
+            sw_batch_size=r.sw_batch_size,
+            device=dev,
+            threshold=r.threshold,
+            return_probabilities=r.return_probabilities,
+            progress=progress,
+            precision=r.precision,
+        )
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return out
+
+
+def _postprocess(masks: dict[str, np.ndarray], volume, prepared, config) -> dict[str, np.ndarray]:
+    """Component rules on the prepared grid; sides are decided against the body midline of the source CT."""
+    if config is None:
+        return masks
+    from universal import postprocess as post
+
+    body_x = post.body_midline_x_mm(volume.array, volume.affine) if _has_paired(masks) else None
+    return dict(post.postprocess(masks, prepared.affine, config, body_x_mm=body_x))
+
+
+def _map_back(masks_prep, probs_p, prepared, names: list[str], report):
+    """Each class's mask (and probabilities) back onto the input grid; each prepared array is dropped once mapped."""
+    masks: dict[str, np.ndarray] = {}
+    probabilities: dict[str, np.ndarray] | None = {} if probs_p is not None else None
+    for i, name in enumerate(names):
+        report("resample", i / max(1, len(names)))
+        masks[name] = pp.resample_to_source(np.asarray(masks_prep.pop(name), dtype=bool), prepared, order=1)
+        if probabilities is not None:
+            probabilities[name] = pp.resample_to_source(probs_p[i], prepared, order=1)
+            probs_p[i] = None
+    return masks, probabilities
+
+
+def _measure(masks: dict[str, np.ndarray], volume) -> tuple[dict[str, float], dict[str, float]]:
+    """Volume (mL) and mean HU (NaN when empty) of each mask."""
+    voxel_ml = abs(float(np.linalg.det(np.asarray(volume.affine)[:3, :3]))) / 1000.0
+    hu = np.asarray(volume.array)
+    volumes_ml = {n: float(np.count_nonzero(m)) * voxel_ml for n, m in masks.items()}
+    mean_hu = {
+        n: (float(hu[m].mean(dtype=np.float64)) if m.any() else float("nan")) for n, m in masks.items()
+    }
+    return volumes_ml, mean_hu
 
 
 # ------------------------------------------------------------------------------------------- sliding window
@@ -372,137 +373,156 @@ def sliding_window_predict(
     """Gaussian-weighted sliding-window prediction of a preprocessed volume, thresholded slab by slab.
 
     Equivalent to ``sigmoid(monai.inferers.sliding_window_inference(x, patch_size, sw_batch_size, model,
-    overlap, mode="gaussian")) >= threshold`` (same windows, same Gaussian map with sigma 0.125 × patch, same
-    zero padding of inputs smaller than a window, float32 accumulation of logits), but the float32 accumulator only
-    spans a rolling slab of the last axis (see the module docstring) and the outputs are boolean masks (and
-    optionally float16 probabilities), one (X, Y, Z) array per class.
+    overlap, mode="gaussian")) >= threshold`` (same windows, Gaussian map, zero padding and float32 accumulation),
+    but the accumulator only spans a rolling slab of the last axis (module docstring); one bool (X, Y, Z) mask
+    (and optionally float16 probabilities) per class.
 
     Args:
         image: float32 (X, Y, Z) network input (intensities in [0, 1]).
         model: Callable ``model(x (B, 1, px, py, pz), classes=list[str]) -> logits (B, k, px, py, pz)``.
         classes: Class names passed to the model (``None``: the model's ``class_names``).
-        patch_size: Window size (voxels).
-        overlap: Relative overlap of neighbouring windows.
-        sw_batch_size: Windows per forward pass.
-        device: Device of the forward passes (default: the model's).
-        threshold: Probability threshold of the masks.
+        patch_size, overlap, sw_batch_size: Window size (voxels), relative overlap, windows per forward pass.
+        device: Device of the forward passes (default: the model's). threshold: of the masks.
         return_probabilities: Also return float16 sigmoid probabilities.
         progress: ``callback(fraction of windows done)``.
-        precision: Autocast dtype of the forward passes (see :func:`segment`; default ``"float32"``: no autocast,
-            MONAI's arithmetic).
+        precision: Autocast dtype of the forward passes (default ``"float32"``: MONAI's arithmetic).
 
     Returns:
         ``(masks, probabilities)``: lists (one per class) of bool (X, Y, Z) arrays and float16 arrays (or ``None``).
     """
     import torch
 
-    if classes is None:
-        classes = list(model.class_names)
-    classes = list(classes)
-    k = len(classes)
-    if device is None:
-        device = _model_device(model)
-    device = torch.device(device)
+    classes = list(model.class_names if classes is None else classes)
+    device = torch.device(_model_device(model) if device is None else device)
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3:
         raise ValueError(f"expected an (X, Y, Z) image, got shape {image.shape}")
-    shape = tuple(int(s) for s in image.shape)
     patch = tuple(int(p) for p in (patch_size if isinstance(patch_size, Sequence) else (patch_size,) * 3))
-    logit_thr = float(math.log(threshold / (1.0 - threshold)))
-
-    # MONAI pads inputs smaller than a window with zeros, split half before / half after
-    pad_before = [max(p - s, 0) // 2 for s, p in zip(shape, patch)]
-    full = tuple(max(s, p) for s, p in zip(shape, patch))
-    img = torch.zeros(full, dtype=torch.float32)
-    img[tuple(slice(b, b + s) for b, s in zip(pad_before, shape))] = torch.from_numpy(image)
-    img = img.to(device)
-
-    starts = [window_starts(full[a], patch[a], overlap) for a in range(3)]
-    windows = sorted(
-        ((x, y, z) for x in starts[0] for y in starts[1] for z in starts[2]), key=lambda w: (w[2], w[0], w[1])
-    )
-    batches = [windows[i : i + sw_batch_size] for i in range(0, len(windows), sw_batch_size)]
-    # rolling buffer depth: before batch b the buffer starts at the first z of batch b (everything before is final)
-    depth = max(max(w[2] for w in b) + patch[2] - b[0][2] for b in batches)
-
-    weight = gaussian_weights(patch).to(device)
-    acc = torch.zeros((k, full[0], full[1], depth), dtype=torch.float32, device=device)
-    wsum = torch.zeros((full[0], full[1], depth), dtype=torch.float32, device=device)
-
-    masks = [np.zeros(shape, dtype=bool) for _ in range(k)]
-    probs = [np.zeros(shape, dtype=np.float16) for _ in range(k)] if return_probabilities else None
-    crop_xy = (slice(pad_before[0], pad_before[0] + shape[0]), slice(pad_before[1], pad_before[1] + shape[1]))
-
-    def finalize(z0: int, z1: int, buf0: int) -> None:
-        """Threshold the final slab [z0, z1) (padded z) held at buffer offset z0 - buf0."""
-        # keep only the unpadded part
-        lo, hi = max(z0, pad_before[2]), min(z1, pad_before[2] + shape[2])
-        if hi <= lo:
-            return
-        sl = (slice(None), *crop_xy, slice(lo - buf0, hi - buf0))
-        a, w = acc[sl], wsum[sl[1:]]
-        out_z = slice(lo - pad_before[2], hi - pad_before[2])
-        m = (a >= w * logit_thr) if logit_thr != 0.0 else (a >= 0)
-        m = m.cpu().numpy()
-        for c in range(k):
-            masks[c][:, :, out_z] = m[c]
-        if probs is not None:
-            p = torch.sigmoid(a / w).to(torch.float16).cpu().numpy()
-            for c in range(k):
-                probs[c][:, :, out_z] = p[c]
-
+    plan = _WindowPlan(image.shape, patch, overlap, sw_batch_size)
+    slab = _Slab(plan, len(classes), device, threshold, return_probabilities)
+    img = plan.padded(image).to(device)
     autocast_dtype = autocast_dtype_for(device, precision)
-    buf0 = 0  # padded z of buffer index 0
     n_done = 0
     with torch.inference_mode():
-        for bi, batch in enumerate(batches):
-            z_first = batch[0][2]
-            if z_first > buf0:  # shift the buffer: [buf0, z_first) is final and was finalised
-                s = z_first - buf0
-                if s < depth:
-                    acc[..., : depth - s] = acc[..., s:].clone()
-                    wsum[..., : depth - s] = wsum[..., s:].clone()
-                    acc[..., depth - s :] = 0
-                    wsum[..., depth - s :] = 0
-                else:
-                    acc.zero_()
-                    wsum.zero_()
-                buf0 = z_first
-            x = torch.stack(
-                [img[wx : wx + patch[0], wy : wy + patch[1], wz : wz + patch[2]] for wx, wy, wz in batch]
-            )
-            x = x.unsqueeze(1)
-            if autocast_dtype is not None:
-                with torch.autocast(device_type=device.type, dtype=autocast_dtype):
-                    logits = model(x, classes=classes)
-            else:
-                logits = model(x, classes=classes)
-            if logits.shape[1] != k or tuple(logits.shape[2:]) != patch:
-                raise RuntimeError(
-                    f"the model returned {tuple(logits.shape)} for {k} classes and windows {patch}"
-                )
-            logits = logits.float()
-            for (wx, wy, wz), lg in zip(batch, logits):
-                sl = (
-                    slice(wx, wx + patch[0]),
-                    slice(wy, wy + patch[1]),
-                    slice(wz - buf0, wz - buf0 + patch[2]),
-                )
-                acc[(slice(None), *sl)].addcmul_(lg, weight)
-                wsum[sl].add_(weight)
-            del logits, x
+        for bi, batch in enumerate(plan.batches):
+            slab.shift_to(batch[0][2])
+            slab.add(batch, _forward(model, img, batch, patch, classes, device, autocast_dtype))
             n_done += len(batch)
             # everything below the next batch's first z is final
-            z_next = batches[bi + 1][0][2] if bi + 1 < len(batches) else full[2]
-            if z_next > buf0:
-                finalize(buf0, z_next, buf0)
+            slab.finalize_below(plan.batches[bi + 1][0][2] if bi + 1 < len(plan.batches) else plan.full[2])
             if progress is not None:
-                progress(n_done / len(windows))
-    return masks, probs
+                progress(n_done / len(plan.windows))
+    return slab.masks, slab.probs
+
+
+def _forward(model, img, batch, patch, classes, device, autocast_dtype):
+    """float32 logits (B, k, *patch) of one batch of windows (checked against what was asked)."""
+    import torch
+
+    x = torch.stack([img[wx : wx + patch[0], wy : wy + patch[1], wz : wz + patch[2]] for wx, wy, wz in batch])
+    with _autocast(device, autocast_dtype):
+        logits = model(x.unsqueeze(1), classes=classes)
+    if logits.shape[1] != len(classes) or tuple(logits.shape[2:]) != patch:
+        raise RuntimeError(
+            f"the model returned {tuple(logits.shape)} for {len(classes)} classes and windows {patch}"
+        )
+    return logits.float()
+
+
+def _autocast(device, dtype):
+    import torch
+
+    return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _WindowPlan:
+    """The windows of one volume (MONAI's rule), in order of their z start, batched, and the rolling buffer depth.
+
+    MONAI pads inputs smaller than a window with zeros, split half before / half after; so does this plan.
+    """
+
+    def __init__(self, shape: Sequence[int], patch: tuple[int, int, int], overlap: float, batch: int) -> None:
+        self.shape = tuple(int(v) for v in shape)
+        self.patch = patch
+        self.pad_before = [max(p - s, 0) // 2 for s, p in zip(self.shape, patch)]
+        self.full = tuple(max(s, p) for s, p in zip(self.shape, patch))
+        starts = [window_starts(self.full[a], patch[a], overlap) for a in range(3)]
+        self.windows = sorted(
+            ((x, y, z) for x in starts[0] for y in starts[1] for z in starts[2]),
+            key=lambda w: (w[2], w[0], w[1]),
+        )
+        self.batches = [self.windows[i : i + batch] for i in range(0, len(self.windows), batch)]
+        # before batch b the buffer starts at the first z of batch b (everything before is final)
+        self.depth = max(max(w[2] for w in b) + patch[2] - b[0][2] for b in self.batches)
+
+    def padded(self, image: np.ndarray):
+        import torch
+
+        img = torch.zeros(self.full, dtype=torch.float32)
+        img[tuple(slice(b, b + s) for b, s in zip(self.pad_before, self.shape))] = torch.from_numpy(image)
+        return img
+
+
+class _Slab:
+    """Gaussian-weighted logit sums over a rolling z-slab; final slabs are thresholded into the output masks."""
+
+    def __init__(self, plan: _WindowPlan, k: int, device, threshold: float, with_probs: bool) -> None:
+        import torch
+
+        self.plan, self.k = plan, k
+        full, depth = plan.full, plan.depth
+        self.weight = gaussian_weights(plan.patch).to(device)
+        self.acc = torch.zeros((k, full[0], full[1], depth), dtype=torch.float32, device=device)
+        self.wsum = torch.zeros((full[0], full[1], depth), dtype=torch.float32, device=device)
+        self.masks = [np.zeros(plan.shape, dtype=bool) for _ in range(k)]
+        self.probs = [np.zeros(plan.shape, dtype=np.float16) for _ in range(k)] if with_probs else None
+        self.logit_thr = float(math.log(threshold / (1.0 - threshold)))
+        self.buf0 = 0  # padded z of buffer index 0
+
+    def shift_to(self, z_first: int) -> None:
+        """Move the buffer to start at ``z_first`` ([buf0, z_first) is final and was finalised)."""
+        if z_first <= self.buf0:
+            return
+        s, depth = z_first - self.buf0, self.plan.depth
+        if s < depth:
+            self.acc[..., : depth - s] = self.acc[..., s:].clone()
+            self.wsum[..., : depth - s] = self.wsum[..., s:].clone()
+            self.acc[..., depth - s :] = 0
+            self.wsum[..., depth - s :] = 0
+        else:
+            self.acc.zero_()
+            self.wsum.zero_()
+        self.buf0 = z_first
+
+    def add(self, batch, logits) -> None:
+        p = self.plan.patch
+        for (wx, wy, wz), lg in zip(batch, logits):
+            sl = (slice(wx, wx + p[0]), slice(wy, wy + p[1]), slice(wz - self.buf0, wz - self.buf0 + p[2]))
+            self.acc[(slice(None), *sl)].addcmul_(lg, self.weight)
+            self.wsum[sl].add_(self.weight)
+
+    def finalize_below(self, z1: int) -> None:
+        """Threshold the final slab [buf0, z1) (padded z), keeping only the unpadded part."""
+        import torch
+
+        pad, shape = self.plan.pad_before, self.plan.shape
+        lo, hi = max(self.buf0, pad[2]), min(z1, pad[2] + shape[2])
+        if z1 <= self.buf0 or hi <= lo:
+            return
+        crop_xy = (slice(pad[0], pad[0] + shape[0]), slice(pad[1], pad[1] + shape[1]))
+        sl = (slice(None), *crop_xy, slice(lo - self.buf0, hi - self.buf0))
+        a, w = self.acc[sl], self.wsum[sl[1:]]
+        out_z = slice(lo - pad[2], hi - pad[2])
+        m = ((a >= w * self.logit_thr) if self.logit_thr != 0.0 else (a >= 0)).cpu().numpy()
+        for c in range(self.k):
+            self.masks[c][:, :, out_z] = m[c]
+        if self.probs is not None:
+            prob = torch.sigmoid(a / w).to(torch.float16).cpu().numpy()
+            for c in range(self.k):
+                self.probs[c][:, :, out_z] = prob[c]
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 
 def cpu_supports_bfloat16() -> bool:
@@ -538,96 +558,21 @@ def autocast_dtype_for(device, precision: str = "auto"):
     return getattr(torch, precision)
 
 
-_MODEL_CACHE: dict[tuple, Any] = {}
-
-
 def clear_model_cache() -> None:
-    """Forget the models :func:`segment` loaded by name (frees their memory)."""
-    _MODEL_CACHE.clear()
+    """Forget the models loaded by name (frees their memory)."""
+    from universal.predictor import clear_model_cache as clear
+
+    clear()
 
 
 def _as_volume(volume_or_path):
-    from universal.io import Volume
-
     if isinstance(volume_or_path, Volume):
         return volume_or_path
     if isinstance(volume_or_path, (str, os.PathLike)):
-        from universal.io import load_volume
-
         return load_volume(volume_or_path)
     if hasattr(volume_or_path, "array") and hasattr(volume_or_path, "affine"):
         return volume_or_path
     raise TypeError(f"segment() needs a Volume or a path, got {type(volume_or_path).__name__}")
-
-
-def _resolve_device(device):
-    import torch
-
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _model_device(model):
-    import torch
-
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
-def _same_device(a, b) -> bool:
-    if a.type != b.type:
-        return False
-    if a.type == "cuda":
-        import torch
-
-        ia = a.index if a.index is not None else torch.cuda.current_device()
-        ib = b.index if b.index is not None else torch.cuda.current_device()
-        return ia == ib
-    return True
-
-
-def _prepare_model(model, template, device):
-    """The model to run (on ``device``, with ``template``), without changing the given or cached model."""
-    if model is None or isinstance(model, (str, os.PathLike)):
-        spec = "builtin" if model is None else str(model)
-        key = (spec, str(device), template)
-        if key not in _MODEL_CACHE:
-            base_key = (spec, "cpu", None)
-            if base_key not in _MODEL_CACHE:
-                from universal.model import load_pretrained
-
-                _MODEL_CACHE[base_key] = load_pretrained(spec).eval()
-            net = _MODEL_CACHE[base_key]
-            if _needs_template(net, template) or not _same_device(_model_device(net), device):
-                net = copy.deepcopy(net)
-                if _needs_template(net, template):
-                    net.set_prompts(template=template)
-                net = net.to(device).eval()
-            _MODEL_CACHE[key] = net
-        return _MODEL_CACHE[key], spec
-    net = model
-    if _needs_template(net, template) or not _same_device(_model_device(net), device):
-        net = copy.deepcopy(net)
-        if _needs_template(net, template):
-            net.set_prompts(template=template)
-        net = net.to(device)
-    return net, type(model).__name__
-
-
-def _needs_template(net, template) -> bool:
-    if template is None:
-        return False
-    try:
-        from universal.prompts import resolve_template
-
-        wanted = resolve_template(template)
-    except ImportError:  # pragma: no cover - prompts not available
-        wanted = template
-    return wanted != getattr(net, "template", None)
 
 
 @contextmanager
@@ -668,129 +613,69 @@ def _head_chunking(net, batch: int, patch: Sequence[int], device):
         net.head_chunk_size = None
 
 
-def _resolve_requested(classes, net) -> list[str]:
-    from universal.errors import ClassNameError
-    from universal.taxonomy import resolve_class
+def _model_device(model):
+    from universal.predictor import model_device
 
-    available = list(net.class_names)
-    if classes is None:
-        return available
-    if isinstance(classes, str):
-        classes = [classes]
-    names: list[str] = []
-    for c in classes:
-        name = resolve_class(c).name
-        if name not in available:
-            raise ClassNameError(
-                f"the model does not segment {name!r}; its classes are: {', '.join(available)}. "
-                "Choose among these or load a model trained for that class."
-            )
-        if name not in names:
-            names.append(name)
-    if not names:
-        raise ClassNameError("no class requested: pass at least one class name (or classes=None for all)")
-    return names
+    return model_device(model)
 
 
-def _patch_size(patch_size, net) -> tuple[int, int, int]:
-    """The window: given, else the model's training window (``preprocessing["patch_size"]``, a checkpoint's
-    ``extra["training"]["patch_size"]`` or ``config()["patch_size"]``), else 96³."""
-    if patch_size is None:
-        prep = getattr(net, "preprocessing", None) or {}
-        extra = getattr(net, "checkpoint_extra", None) or {}
-        try:
-            cfg = net.config()
-        except Exception:  # noqa: BLE001 - a model without config()
-            cfg = {}
-        patch_size = (
-            prep.get("patch_size")
-            or (extra.get("training") or {}).get("patch_size")
-            or (cfg.get("patch_size") if isinstance(cfg, dict) else None)
-            or 96
-        )
-    if isinstance(patch_size, (int, np.integer)):
-        return (int(patch_size),) * 3
-    p = tuple(int(v) for v in patch_size)
-    if len(p) != 3:
-        raise ValueError(f"patch_size must be one int or three, got {patch_size!r}")
-    return p  # type: ignore[return-value]
-
-
-def _preprocess_config(net, fast: bool):
-    """The model's recorded preprocessing (spacing, HU window); ``fast`` → 3 mm (never finer than the model's)."""
-    from universal.preprocess import PreprocessConfig
-
-    spec = getattr(net, "preprocessing", None) or {}
-    spacing = spec.get("spacing", 1.5)
-    spacing = tuple(float(v) for v in spacing) if isinstance(spacing, (list, tuple)) else float(spacing)
-    window = tuple(float(v) for v in spec.get("window", (-175.0, 250.0)))
-    if fast:  # 3 mm, or the model's own spacing when that is coarser already
-        spacing = max(3.0, float(np.max(spacing)))
-    return PreprocessConfig(spacing_mm=spacing, hu_window=window)  # type: ignore[arg-type]
+def _check_input_type(volume_or_path) -> None:
+    if isinstance(volume_or_path, (str, os.PathLike)) or (
+        hasattr(volume_or_path, "array") and hasattr(volume_or_path, "affine")
+    ):
+        return
+    raise TypeError(f"segment() needs a Volume or a path, got {type(volume_or_path).__name__}")
 
 
 def _has_paired(names) -> bool:
-    from universal.taxonomy import resolve_class
-
-    return any(resolve_class(n).paired is not None for n in names)
-
-
-def _postprocess_config(postprocess):
-    if postprocess is None or postprocess is False:
-        return None
-    from universal.postprocess import PostprocessConfig
-
-    if postprocess is True:
-        return PostprocessConfig()
-    if isinstance(postprocess, PostprocessConfig):
-        return postprocess
-    raise TypeError(
-        f"postprocess must be True, False or a PostprocessConfig, got {type(postprocess).__name__}"
-    )
+    return any(taxonomy.resolve_class(n).paired is not None for n in names)
 
 
 def _progress_reporter(progress: ProgressFn | None) -> Callable[[str, float], None]:
-    order = list(_STAGE_START)
+    order = list(STAGE_START)
 
     def report(stage: str, fraction: float) -> None:
         if progress is None:
             return
-        start = _STAGE_START[stage]
+        start = STAGE_START[stage]
         nxt = order.index(stage) + 1
-        end = _STAGE_START[order[nxt]] if nxt < len(order) else 1.0
+        end = STAGE_START[order[nxt]] if nxt < len(order) else 1.0
         progress(stage, float(start + (end - start) * min(1.0, max(0.0, fraction))))
 
     return report
 
 
-def _info(
-    net, model_label, dev, prepared, names, psize, overlap, bs, fast, threshold, pp_config
-) -> dict[str, Any]:
+def _info(predictor, prepared) -> dict[str, Any]:
+    """What a report says about the run: the model, its contract's provenance, the settings used, versions."""
     import torch
 
     import universal
 
-    try:
-        cfg = net.config()
-    except Exception:  # noqa: BLE001
-        cfg = {}
+    r, net = predictor.resolved, predictor.model
+    spec = predictor.spec
+    ac = autocast_dtype_for(predictor.device, r.precision)
     return {
-        "model": model_label,
-        "backbone": cfg.get("backbone"),
-        "encoder": getattr(net, "encoder_name", cfg.get("encoder")),
-        "template": getattr(net, "template", cfg.get("template")),
-        "device": str(dev),
+        "model": predictor.model_label,
+        "backbone": getattr(net, "backbone_name", None),
+        "encoder": getattr(net, "encoder_name", None),
+        "template": getattr(net, "template", None),
+        "device": str(predictor.device),
         "spacing_mm": [round(float(s), 4) for s in prepared.spacing],
         "target_spacing_mm": list(prepared.config.target_spacing()),
-        "fast": bool(fast),
+        "fast": r.fast,
+        "crop_foreground": bool(prepared.config.crop_foreground),
+        "convention": prepared.config.convention,
+        "hu_window": list(prepared.config.hu_window),
         "crop_box": [list(b) for b in prepared.box],
         "prepared_shape": list(prepared.shape),
-        "classes": list(names),
-        "patch_size": list(psize),
-        "overlap": float(overlap),
-        "sw_batch_size": int(bs),
-        "threshold": float(threshold),
-        "postprocess": pp_config is not None,
+        "classes": list(r.classes),
+        "patch_size": list(r.patch_size),
+        "overlap": float(r.overlap),
+        "sw_batch_size": int(r.sw_batch_size),
+        "threshold": float(r.threshold),
+        "postprocess": r.postprocess is not None,
+        "precision": "float32" if ac is None else str(ac).replace("torch.", ""),
+        "provenance": dataclasses.asdict(spec.provenance) if spec is not None else None,
         "versions": {
             "universal": universal.__version__,
             "torch": torch.__version__,
@@ -808,24 +693,3 @@ def _package_version(name: str) -> str | None:
         return version(name)
     except PackageNotFoundError:
         return None
-
-
-def _json_float(v) -> float | None:
-    if v is None:
-        return None
-    v = float(v)
-    return None if math.isnan(v) or math.isinf(v) else round(v, 4)
-
-
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return _json_float(v)
-    if v is None or isinstance(v, (str, int, bool)):
-        return v
-    return str(v)

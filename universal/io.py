@@ -29,7 +29,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,12 +44,14 @@ __all__ = [
     "Volume",
     "case_name",
     "check_ct",
+    "json_float",
     "label_grid",
     "load_label",
     "load_volume",
     "save_label_map",
     "save_mask",
     "save_volume",
+    "to_json",
     "volume_from_array",
 ]
 
@@ -200,32 +202,11 @@ def volume_from_array(
     >>> v.spacing
     (2.0, 2.0, 3.0)
     """
-    arr = np.asarray(array)
-    if arr.dtype.fields is not None or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise InputError(
-            f"{name} has pixel type {arr.dtype} (e.g. RGB): a CT must be one grey value (HU) per voxel; "
-            "convert it to a single-channel array first."
-        )
-    if np.iscomplexobj(arr):
-        raise InputError(f"{name} is complex-valued; pass the real HU intensities.")
+    arr = _check_pixel_type(np.asarray(array), name)
     shape = _check_shape(arr.shape, name)
     if arr.shape != shape:
         arr = arr.reshape(shape)
-    if affine is None:
-        sp = tuple(float(s) for s in spacing)
-        if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
-            raise InputError(f"{name}: invalid voxel spacing {spacing}; give three positive sizes in mm.")
-        aff = np.diag([*sp, 1.0])
-    else:
-        aff = np.array(affine, dtype=np.float64)
-        if aff.shape != (4, 4):
-            raise ValueError(f"affine must be (4, 4), got {aff.shape}")
-        if tuple(spacing) != (1.0, 1.0, 1.0) and not np.allclose(
-            np.linalg.norm(aff[:3, :3], axis=0), spacing, atol=1e-4
-        ):
-            raise ValueError(
-                f"spacing {spacing} disagrees with the affine's voxel sizes; give only one of them"
-            )
+    aff = _array_affine(spacing, affine, name)
     ornt, oblique = _orientation(aff, name)
     if np.array_equal(ornt, _RAS_ORNT):
         vol = Volume(array=np.asarray(arr, dtype=np.float32), affine=aff, name=name)
@@ -243,6 +224,35 @@ def volume_from_array(
         if vol.source is not None:
             vol.source.meta["warnings"] = msgs
     return vol
+
+
+def _check_pixel_type(arr: np.ndarray, name: str) -> np.ndarray:
+    """``arr`` when it holds one real grey value per voxel, else an :class:`InputError` (RGB, complex, objects)."""
+    if arr.dtype.fields is not None or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise InputError(
+            f"{name} has pixel type {arr.dtype} (e.g. RGB): a CT must be one grey value (HU) per voxel; "
+            "convert it to a single-channel array first."
+        )
+    if np.iscomplexobj(arr):
+        raise InputError(f"{name} is complex-valued; pass the real HU intensities.")
+    return arr
+
+
+def _array_affine(spacing: Any, affine: Any, name: str) -> np.ndarray:
+    """The (4, 4) affine of :func:`volume_from_array`: ``affine`` (checked against ``spacing``) or ``diag(spacing)``."""
+    if affine is None:
+        sp = tuple(float(s) for s in spacing)
+        if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
+            raise InputError(f"{name}: invalid voxel spacing {spacing}; give three positive sizes in mm.")
+        return np.diag([*sp, 1.0])
+    aff = np.array(affine, dtype=np.float64)
+    if aff.shape != (4, 4):
+        raise ValueError(f"affine must be (4, 4), got {aff.shape}")
+    if tuple(spacing) != (1.0, 1.0, 1.0) and not np.allclose(
+        np.linalg.norm(aff[:3, :3], axis=0), spacing, atol=1e-4
+    ):
+        raise ValueError(f"spacing {spacing} disagrees with the affine's voxel sizes; give only one of them")
+    return aff
 
 
 def load_volume(
@@ -276,10 +286,25 @@ def load_volume(
     name = case_name(p)
     if not p.exists():
         raise InputError(f"{p} does not exist: check the path (expected {_SUPPORTED_TEXT}).")
+    dicom = {"name": name, "max_bytes": max_bytes, "series": series, "rescale": rescale}
     if p.is_dir():
-        return _load_dicom_dir(
-            p, p, name=name, fmt="dicom", max_bytes=max_bytes, series=series, rescale=rescale
-        )
+        return _load_dicom_dir(p, p, fmt="dicom", **dicom)
+    suffix = _check_volume_file(p, max_bytes)
+    if suffix == ".zip":
+        with tempfile.TemporaryDirectory(prefix="universal-dicom-zip-") as tmp:
+            n_files = _extract_zip(p, Path(tmp), max_bytes)
+            return _load_dicom_dir(Path(tmp), p, fmt="dicom-zip", n_files=n_files, **dicom)
+    fmt = _FORMATS[suffix]
+    if fmt == "nifti":
+        raw, affine, slope, inter, meta = _read_nifti(p, max_bytes)
+        return _finish(raw, affine, p, fmt, name, meta, slope=slope, inter=inter, rescale=rescale, owned=True)
+    img = _read_sitk(p, fmt, max_bytes)
+    raw, affine = _sitk_to_numpy(img)
+    return _finish(raw, affine, p, fmt, name, {}, rescale=rescale, owned=False)
+
+
+def _check_volume_file(p: Path, max_bytes: int) -> str:
+    """The suffix of a CT file that :func:`load_volume` can read, or an :class:`InputError` saying why not."""
     size = _file_size(p)
     suffix = _suffix(p)
     if suffix == ".dcm":
@@ -290,26 +315,7 @@ def load_volume(
             f"{p.name}: unsupported file type {suffix or '(no extension)'!r}; supported are {_SUPPORTED_TEXT}."
         )
     _check_bytes(size, max_bytes, p.name)
-    if suffix == ".zip":
-        with tempfile.TemporaryDirectory(prefix="universal-dicom-zip-") as tmp:
-            n_files = _extract_zip(p, Path(tmp), max_bytes)
-            return _load_dicom_dir(
-                Path(tmp),
-                p,
-                name=name,
-                fmt="dicom-zip",
-                max_bytes=max_bytes,
-                series=series,
-                rescale=rescale,
-                n_files=n_files,
-            )
-    fmt = _FORMATS[suffix]
-    if fmt == "nifti":
-        raw, affine, slope, inter, meta = _read_nifti(p, max_bytes)
-        return _finish(raw, affine, p, fmt, name, meta, slope=slope, inter=inter, rescale=rescale, owned=True)
-    img = _read_sitk(p, fmt, max_bytes)
-    raw, affine = _sitk_to_numpy(img)
-    return _finish(raw, affine, p, fmt, name, {}, rescale=rescale, owned=False)
+    return suffix
 
 
 def load_label(
@@ -421,12 +427,33 @@ def check_ct(
     """
     arr = np.asarray(array)
     shape = _check_shape(arr.shape, name)
-    msgs: list[str] = []
     sp = tuple(float(s) for s in spacing)
     if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
         raise InputError(
             f"{name}: invalid voxel spacing {spacing} mm; the file's geometry is damaged, re-export it."
         )
+    msgs = _acquisition_warnings(shape, sp, name, modality)
+    if arr.size:
+        lo, hi = float(np.min(arr)), float(np.max(arr))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise InputError(
+                f"{name} contains NaN or infinite values: the file is damaged or came from a failed computation; "
+                "re-export the CT."
+            )
+        if lo == hi:
+            msgs.append(f"{name} has the same value ({lo:g}) in every voxel: an empty image?")
+        elif check_hu:
+            _check_hu(lo, hi, name)
+    if warn:
+        _emit(msgs)
+    return msgs
+
+
+def _acquisition_warnings(
+    shape: tuple[int, int, int], sp: tuple[float, ...], name: str, modality: str | None
+) -> list[str]:
+    """Warnings of :func:`check_ct` about the modality, very few voxels along an axis and thick slices."""
+    msgs: list[str] = []
     if modality and modality.upper() != "CT":
         msgs.append(
             f"{name} is modality {modality}, not CT: the model segments CT in Hounsfield units, "
@@ -444,19 +471,6 @@ def check_ct(
             f"{name} has {thick:.1f} mm thick slices (spacing {_fmt_spacing(sp)} mm); the model works at 1.5 mm, "
             "so small structures will be coarse. Use a thinner reconstruction if there is one."
         )
-    if arr.size:
-        lo, hi = float(np.min(arr)), float(np.max(arr))
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise InputError(
-                f"{name} contains NaN or infinite values: the file is damaged or came from a failed computation; "
-                "re-export the CT."
-            )
-        if lo == hi:
-            msgs.append(f"{name} has the same value ({lo:g}) in every voxel: an empty image?")
-        elif check_hu:
-            _check_hu(lo, hi, name)
-    if warn:
-        _emit(msgs)
     return msgs
 
 
@@ -837,36 +851,65 @@ def _load_dicom_dir(
     rescale: tuple[float, float] | None,
     n_files: int | None = None,
 ) -> Volume:
-    import SimpleITK as sitk
-
     display = source_path.name or str(source_path)
     images, others, n_seen = _dicom_series(folder, display)
-    n_files = n_seen if n_files is None else n_files
     if not images:
-        extra = ""
-        if others:
-            kinds = sorted({s["modality"] or "?" for s in others})
-            extra = f" (only non-image DICOM objects: {', '.join(kinds)}; read a DICOM-SEG with load_label)"
-        raise InputError(
-            f"{display} holds no DICOM image series{extra} among its {n_files} files: pass a folder (or .zip) "
-            f"with the .dcm slices of one CT series, or another supported file ({_SUPPORTED_TEXT})."
-        )
-    pre_warnings: list[str] = []
+        raise _no_image_series(display, others, n_seen if n_files is None else n_files)
+    chosen, pre_warnings = _choose_series(images, series, display)
+    reader, img = _read_series(chosen, source_path, display, max_bytes)
+    n_slices = len(chosen["files"])
+    rescaled = reader.HasMetaDataKey(0, "0028|1053") or reader.HasMetaDataKey(0, "0028|1052")
+    pre_warnings += _spacing_warnings(reader, img, n_slices, display)
+    meta: dict[str, Any] = {
+        "series_uid": chosen["uid"],
+        "modality": chosen["modality"],
+        "n_slices": n_slices,
+        "rescaled": bool(rescaled),
+        "_warnings": pre_warnings,
+    }
+    if others or len(images) > 1:
+        meta["other_series"] = [s["uid"] for s in [*images, *others] if s is not chosen]
+    raw, affine = _sitk_to_numpy(img)
+    modality = chosen["modality"] or None
+    return _finish(raw, affine, source_path, fmt, name, meta, rescale=rescale, owned=False, modality=modality)
+
+
+def _no_image_series(display: str, others: list[dict[str, Any]], n_files: int) -> InputError:
+    extra = ""
+    if others:
+        kinds = sorted({s["modality"] or "?" for s in others})
+        extra = f" (only non-image DICOM objects: {', '.join(kinds)}; read a DICOM-SEG with load_label)"
+    return InputError(
+        f"{display} holds no DICOM image series{extra} among its {n_files} files: pass a folder (or .zip) "
+        f"with the .dcm slices of one CT series, or another supported file ({_SUPPORTED_TEXT})."
+    )
+
+
+def _choose_series(
+    images: list[dict[str, Any]], series: str | None, display: str
+) -> tuple[dict[str, Any], list[str]]:
+    """The image series to load (``series`` by UID, else the one with most slices) and a warning naming the rest."""
     if series is not None:
         match = [s for s in images if s["uid"] == series]
         if not match:
             listed = "; ".join(_describe(s) for s in images)
             raise InputError(f"{display} has no DICOM series {series!r}; its image series are: {listed}.")
-        chosen = max(match, key=lambda s: len(s["files"]))
-    else:
-        chosen = max(images, key=lambda s: len(s["files"]))
-        rest = [s for s in images if s is not chosen]
-        if rest:
-            pre_warnings.append(
-                f"{display} holds {len(images)} DICOM image series; took {_describe(chosen)}, the one with the most "
-                f"slices; the others: {'; '.join(_describe(s) for s in rest)}. Pass series='<SeriesInstanceUID>' "
-                "to load another one."
-            )
+        return max(match, key=lambda s: len(s["files"])), []
+    chosen = max(images, key=lambda s: len(s["files"]))
+    rest = [s for s in images if s is not chosen]
+    if not rest:
+        return chosen, []
+    return chosen, [
+        f"{display} holds {len(images)} DICOM image series; took {_describe(chosen)}, the one with the most "
+        f"slices; the others: {'; '.join(_describe(s) for s in rest)}. Pass series='<SeriesInstanceUID>' "
+        "to load another one."
+    ]
+
+
+def _read_series(chosen: dict[str, Any], source_path: Path, display: str, max_bytes: int) -> tuple[Any, Any]:
+    """``(reader, SimpleITK image)`` of one DICOM series, checked for size, pixel type and shape."""
+    import SimpleITK as sitk
+
     files = chosen["files"]
     total = sum(os.path.getsize(f) for f in files)
     _check_bytes(total, max_bytes, display, " (DICOM files of the series)")
@@ -887,29 +930,7 @@ def _load_dicom_dir(
             "secondary captures/screenshots), not a CT in HU; pass the original CT series."
         )
     _check_shape(tuple(img.GetSize()), display)
-    rescaled = reader.HasMetaDataKey(0, "0028|1053") or reader.HasMetaDataKey(0, "0028|1052")
-    pre_warnings += _spacing_warnings(reader, img, len(files), display)
-    meta: dict[str, Any] = {
-        "series_uid": chosen["uid"],
-        "modality": chosen["modality"],
-        "n_slices": len(files),
-        "rescaled": bool(rescaled),
-        "_warnings": pre_warnings,
-    }
-    if others or len(images) > 1:
-        meta["other_series"] = [s["uid"] for s in [*images, *others] if s is not chosen]
-    raw, affine = _sitk_to_numpy(img)
-    return _finish(
-        raw,
-        affine,
-        source_path,
-        fmt,
-        name,
-        meta,
-        rescale=rescale,
-        owned=False,
-        modality=chosen["modality"] or None,
-    )
+    return reader, img
 
 
 def _spacing_warnings(reader: Any, img: Any, n: int, display: str) -> list[str]:
@@ -1119,34 +1140,7 @@ def _read_dicom_seg(p: Path) -> tuple[np.ndarray, np.ndarray]:
             "NRRD, MHA or a DICOM-SEG (.dcm)."
         )
     try:
-        frames = np.asarray(ds.pixel_array)
-        if frames.ndim == 2:
-            frames = frames[None]
-        if str(ds.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL":
-            frames = frames > float(ds.get("MaximumFractionalValue", 255)) / 2
-        shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
-        per = ds.PerFrameFunctionalGroupsSequence
-
-        def item(i: int, seq: str) -> Any:
-            fg = per[i]
-            if seq in fg:
-                return fg[seq].value[0]
-            if shared is not None and seq in shared:
-                return shared[seq].value[0]
-            raise ValueError(f"frame {i} lacks {seq}")
-
-        iop = np.array([float(v) for v in item(0, "PlaneOrientationSequence").ImageOrientationPatient])
-        measures = item(0, "PixelMeasuresSequence")
-        ps = [float(v) for v in measures.PixelSpacing]
-        pos = np.array(
-            [
-                [float(v) for v in item(i, "PlanePositionSequence").ImagePositionPatient]
-                for i in range(len(frames))
-            ]
-        )
-        segs = [
-            int(item(i, "SegmentIdentificationSequence").ReferencedSegmentNumber) for i in range(len(frames))
-        ]
+        frames, iop, ps, measures, pos, segs = _seg_frames(ds)
     except Exception as exc:
         raise _read_error(p, "dicom-seg", exc) from exc
     row, col = iop[:3], iop[3:]
@@ -1158,8 +1152,48 @@ def _read_dicom_seg(p: Path) -> tuple[np.ndarray, np.ndarray]:
         dz = (
             float(np.diff(levels).min()) if len(levels) > 1 else float(measures.get("SliceThickness", 1) or 1)
         )
-    k = np.round((proj - proj.min()) / dz).astype(int)
-    first = int(np.argmin(proj))
+    out = _stack_seg_frames(frames, np.round((proj - proj.min()) / dz).astype(int), segs, p.name)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * ps[1], col * ps[0], normal * dz
+    lps[:3, 3] = pos[int(np.argmin(proj))]
+    return out, _LPS_TO_RAS @ lps
+
+
+def _seg_frames(ds: Any) -> tuple[np.ndarray, np.ndarray, list[float], Any, np.ndarray, list[int]]:
+    """The frames of a DICOM-SEG dataset and their geometry (per-frame groups, else the shared ones).
+
+    Returns ``(frames (F, rows, cols), ImageOrientationPatient (6,), PixelSpacing (row, column) mm, the
+    PixelMeasures item, ImagePositionPatient (F, 3) mm, segment number of each frame)``.
+    """
+    frames = np.asarray(ds.pixel_array)
+    if frames.ndim == 2:
+        frames = frames[None]
+    if str(ds.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL":
+        frames = frames > float(ds.get("MaximumFractionalValue", 255)) / 2
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    per = ds.PerFrameFunctionalGroupsSequence
+
+    def item(i: int, seq: str) -> Any:
+        fg = per[i]
+        if seq in fg:
+            return fg[seq].value[0]
+        if shared is not None and seq in shared:
+            return shared[seq].value[0]
+        raise ValueError(f"frame {i} lacks {seq}")
+
+    iop = np.array([float(v) for v in item(0, "PlaneOrientationSequence").ImageOrientationPatient])
+    measures = item(0, "PixelMeasuresSequence")
+    ps = [float(v) for v in measures.PixelSpacing]
+    n = len(frames)
+    pos = np.array(
+        [[float(v) for v in item(i, "PlanePositionSequence").ImagePositionPatient] for i in range(n)]
+    )
+    segs = [int(item(i, "SegmentIdentificationSequence").ReferencedSegmentNumber) for i in range(n)]
+    return frames, iop, ps, measures, pos, segs
+
+
+def _stack_seg_frames(frames: np.ndarray, k: np.ndarray, segs: list[int], name: str) -> np.ndarray:
+    """Paint frame ``f`` (rows, cols) with its segment number into slice ``k[f]`` of a (cols, rows, slices) map."""
     dtype = np.uint8 if max(segs, default=0) <= 255 else np.uint16
     out = np.zeros((frames.shape[2], frames.shape[1], int(k.max()) + 1), dtype)
     overlap = False
@@ -1169,11 +1203,8 @@ def _read_dicom_seg(p: Path) -> tuple[np.ndarray, np.ndarray]:
         overlap = overlap or bool((sl[m] != 0).any())
         sl[m] = segs[f]
     if overlap:
-        _emit([f"{p.name}: segments overlap; the label map keeps the higher-numbered segment where they do."])
-    lps = np.eye(4)
-    lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * ps[1], col * ps[0], normal * dz
-    lps[:3, 3] = pos[first]
-    return out, _LPS_TO_RAS @ lps
+        _emit([f"{name}: segments overlap; the label map keeps the higher-numbered segment where they do."])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- writers
@@ -1236,6 +1267,65 @@ def _write_image(arr: np.ndarray, affine: np.ndarray, path: Path, like: Volume) 
             tmp.unlink()
         raise
     return path
+
+
+# ----------------------------------------------------------------------------------------------- JSON
+def json_float(value: Any, ndigits: int | None = None) -> float | None:
+    """A number as a JSON-safe float: ``None`` for ``None``, NaN and ±inf; rounded to ``ndigits`` when given.
+
+    >>> json_float(np.float32(0.123456), 3), json_float(float("nan")), json_float(None), json_float(2)
+    (0.123, None, None, 2.0)
+    """
+    if value is None:
+        return None
+    v = float(value)
+    if not math.isfinite(v):
+        return None
+    return round(v, ndigits) if ndigits is not None else v
+
+
+def to_json(value: Any, *, ndigits: int | None = None, default: Any = None) -> Any:
+    """``value`` as plain JSON values (what ``json.dumps(..., allow_nan=False)`` accepts); the input is not changed.
+
+    Mappings become dicts with ``str`` keys, tuples/lists/arrays lists, numpy scalars Python numbers (``np.bool_``
+    → ``bool``), floats go through :func:`json_float` (NaN/inf → ``None``, rounded to ``ndigits``), paths ``str``.
+
+    Args:
+        value: Nested dicts, lists, tuples, numpy arrays and scalars, numbers, strings, paths, ``None``.
+        ndigits: Round every float to this many decimals (``None`` keeps full precision).
+        default: Called on any other object (like ``json.dumps``'s ``default``), e.g. ``str``; its result is
+            converted too. ``None`` raises a :class:`TypeError` naming the type.
+
+    >>> to_json({"a": (1, np.float32(0.5)), 2: [float("inf"), np.int64(3), np.bool_(True)], "p": Path("x")})
+    {'a': [1, 0.5], '2': [None, 3, True], 'p': 'x'}
+    >>> to_json(np.array([0.12345, np.nan]), ndigits=2)
+    [0.12, None]
+    """
+
+    def conv(x: Any) -> Any:
+        if x is None or isinstance(x, str):
+            return x
+        if isinstance(x, (bool, np.bool_)):
+            return bool(x)
+        if isinstance(x, (int, np.integer)):
+            return int(x)
+        if isinstance(x, (float, np.floating)):
+            return json_float(x, ndigits)
+        if isinstance(x, Mapping):
+            return {str(k): conv(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [conv(v) for v in x]
+        if isinstance(x, np.ndarray):
+            return conv(x.tolist())
+        if isinstance(x, os.PathLike):
+            return os.fspath(x)
+        if default is None:
+            raise TypeError(
+                f"{type(x).__name__} is not a JSON value (use numbers, strings, lists, dicts or None)"
+            )
+        return conv(default(x))
+
+    return conv(value)
 
 
 # ----------------------------------------------------------------------------------------------- formatting

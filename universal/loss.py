@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from universal.errors import InputError
+
 __all__ = ["masked_bce_dice"]
 
 
@@ -55,32 +57,12 @@ def masked_bce_dice(
     >>> bool(logits.grad[0, 1:].abs().sum() == 0)
     True
     """
-    from universal.errors import InputError
-
-    if logits.dim() < 2:
-        raise InputError(f"logits must be (B, K, ...), got shape {tuple(logits.shape)}.")
-    if tuple(target.shape) != tuple(logits.shape):
-        raise InputError(
-            f"target shape {tuple(target.shape)} differs from logits shape {tuple(logits.shape)}."
-        )
-    available = torch.as_tensor(available, device=logits.device)
-    if tuple(available.shape) != tuple(logits.shape[:2]):
-        raise InputError(
-            f"available must be (B, K) = {tuple(logits.shape[:2])} booleans, got shape {tuple(available.shape)}."
-        )
-    available = available.to(torch.bool)
-
+    available = _check_inputs(logits, target, available)
     b, k = logits.shape[:2]
     flat_logits = logits.reshape(b, k, -1)[available].float()  # (n, N): only the annotated pairs are read
     flat_target = target.reshape(b, k, -1)[available].to(flat_logits.dtype)
     n = flat_logits.shape[0]
-
-    bce = F.binary_cross_entropy_with_logits(flat_logits, flat_target, reduction="none").mean(dim=1)  # (n,)
-    prob = torch.sigmoid(flat_logits)
-    intersection = (prob * flat_target).sum(dim=1)
-    denominator = prob.sum(dim=1) + flat_target.sum(dim=1)
-    dice_loss = 1.0 - (2.0 * intersection + smooth) / (denominator + smooth)  # (n,)
-
+    bce, dice_loss = _pair_losses(flat_logits, flat_target, smooth)  # (n,), (n,)
     if dice_on_empty:
         pair_loss = bce_weight * bce + dice_weight * dice_loss
         loss = pair_loss.sum() / max(n, 1)  # empty → 0, still attached to the graph (zero gradient)
@@ -93,9 +75,31 @@ def masked_bce_dice(
         dice_mean = dice_sum.detach() / max(n_present, 1)
     if not return_components:
         return loss
-    return {
-        "loss": loss,
-        "bce": bce.detach().sum() / max(n, 1),
-        "dice": dice_mean,
-        "n_available": int(n),
-    }
+    return {"loss": loss, "bce": bce.detach().sum() / max(n, 1), "dice": dice_mean, "n_available": int(n)}
+
+
+def _check_inputs(logits: torch.Tensor, target: torch.Tensor, available: Any) -> torch.Tensor:
+    """``available`` as a bool ``(B, K)`` tensor on the logits' device, after checking the three shapes agree."""
+    if logits.dim() < 2:
+        raise InputError(f"logits must be (B, K, ...), got shape {tuple(logits.shape)}.")
+    if tuple(target.shape) != tuple(logits.shape):
+        raise InputError(
+            f"target shape {tuple(target.shape)} differs from logits shape {tuple(logits.shape)}."
+        )
+    available = torch.as_tensor(available, device=logits.device)
+    if tuple(available.shape) != tuple(logits.shape[:2]):
+        raise InputError(
+            f"available must be (B, K) = {tuple(logits.shape[:2])} booleans, got shape {tuple(available.shape)}."
+        )
+    return available.to(torch.bool)
+
+
+def _pair_losses(
+    logits: torch.Tensor, target: torch.Tensor, smooth: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair mean BCE and soft Dice loss ``1 - Dice`` of ``(n, N)`` logits and targets: two ``(n,)`` tensors."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=1)
+    prob = torch.sigmoid(logits)
+    intersection = (prob * target).sum(dim=1)
+    denominator = prob.sum(dim=1) + target.sum(dim=1)
+    return bce, 1.0 - (2.0 * intersection + smooth) / (denominator + smooth)

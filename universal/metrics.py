@@ -47,12 +47,15 @@ from scipy import ndimage
 
 from universal import taxonomy
 from universal.errors import InputError
+from universal.postprocess import bounding_box
 
 __all__ = [
     "ClassScore",
     "CaseResult",
     "Preset",
     "FLARE23_PRESET",
+    "PRESETS",
+    "get_preset",
     "FLARE23_TOLERANCES_MM",
     "DEFAULT_TOLERANCE_MM",
     "dice",
@@ -104,17 +107,6 @@ def _spacing3(spacing: Any) -> tuple[float, float, float]:
     if s is None or not np.all(np.isfinite(s)) or np.any(s <= 0):
         raise InputError(f"spacing must be 3 positive numbers in mm (array axis order), got {spacing!r}")
     return (float(s[0]), float(s[1]), float(s[2]))
-
-
-def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Tight bounding box of a 3-D mask as slices, ``None`` when empty (the last two axes on the first's slab)."""
-    idx0 = np.flatnonzero(np.any(mask, axis=(1, 2)))
-    if idx0.size == 0:
-        return None
-    slab = mask[idx0[0] : idx0[-1] + 1]
-    idx1 = np.flatnonzero(np.any(slab, axis=(0, 2)))
-    idx2 = np.flatnonzero(np.any(slab, axis=(0, 1)))
-    return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in (idx0, idx1, idx2))
 
 
 # ------------------------------------------------------------------------------------------------ Dice
@@ -216,7 +208,7 @@ def surface_dice_parts(
     """
     p, g = _pair(pred, gt)
     sp = _spacing3(spacing)
-    box = _bbox(p | g)
+    box = bounding_box(p | g)
     if box is None:
         return 0.0, 0.0, 0.0, 0.0
     p, g = p[box], g[box]
@@ -308,12 +300,25 @@ def _flare23_preset() -> Preset:
 FLARE23_PRESET: Preset = _flare23_preset()
 
 
-def _get_preset(preset: str | Preset | None) -> Preset | None:
+#: The presets by name (``None`` = no preset: generic rules).
+PRESETS: dict[str, Preset] = {FLARE23_PRESET.name: FLARE23_PRESET}
+
+
+def get_preset(preset: str | Preset | None) -> Preset | None:
+    """A :class:`Preset` from its name (``"flare23"``; case, ``_`` and ``-`` ignored, ``"flare2023"`` too) or ``None``.
+
+    >>> get_preset("FLARE-23").name, get_preset(None)
+    ('flare23', None)
+    """
     if preset is None or isinstance(preset, Preset):
         return preset
-    if str(preset).lower().replace("_", "").replace("-", "") in ("flare23", "flare2023"):
-        return FLARE23_PRESET
-    raise InputError(f"unknown metrics preset {preset!r}: use 'flare23' or None")
+    key = str(preset).lower().replace("_", "").replace("-", "").replace(" ", "")
+    key = {"flare2023": "flare23"}.get(key, key)
+    if key in PRESETS:
+        return PRESETS[key]
+    raise InputError(
+        f"unknown metrics preset {preset!r}: use one of {sorted(PRESETS)} or None (generic rules)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -485,6 +490,65 @@ def _tolerance_for(
     return DEFAULT_TOLERANCE_MM
 
 
+def _report_classes(
+    rules: Preset | None,
+    classes: Iterable[str] | None,
+    pred_masks: Mapping[str, Any],
+    gt_masks: Mapping[str, Any],
+) -> list[str]:
+    """The classes :func:`evaluate_case` reports: ``classes`` (checked against the preset), else the preset's,
+    else the reference's keys then the prediction's."""
+    if classes is None:
+        if rules is not None:
+            return list(rules.classes)
+        return list(gt_masks) + [n for n in pred_masks if n not in gt_masks]
+    names = list(dict.fromkeys(classes))
+    if rules is not None:
+        unknown = [n for n in names if n not in rules.classes]
+        if unknown:
+            raise InputError(f"{unknown} are not {rules.name} classes; choose from {list(rules.classes)}")
+    return names
+
+
+def _common_shape(pred_masks: Mapping[str, Any], gt_masks: Mapping[str, Any]) -> tuple[int, ...]:
+    """The one grid shape of all masks (an :class:`InputError` when they differ or there are none)."""
+    shapes = {np.shape(m) for m in (*pred_masks.values(), *gt_masks.values())}
+    if len(shapes) > 1:
+        raise InputError(f"all masks must be on one grid, got shapes {sorted(shapes)}")
+    if not shapes:
+        raise InputError("evaluate_case needs at least one mask to know the grid")
+    (shape,) = shapes
+    return shape
+
+
+def _class_score(
+    n: str,
+    pred_masks: Mapping[str, Any],
+    gt_masks: Mapping[str, Any],
+    empty: np.ndarray,
+    spacing: tuple[float, float, float],
+    rules: Preset | None,
+    tolerance_mm: float | Mapping[str, float] | None,
+    annotated: bool,
+) -> ClassScore:
+    """The :class:`ClassScore` of class ``n`` (a class missing from a dict is an empty mask)."""
+    tol = _tolerance_for(n, rules, tolerance_mm)
+    if not annotated:
+        return ClassScore(n, float("nan"), float("nan"), STATUS_NOT_ANNOTATED, tol)
+    p = _as_bool(pred_masks[n], f"prediction {n!r}") if n in pred_masks else empty
+    g = _as_bool(gt_masks[n], f"reference {n!r}") if n in gt_masks else empty
+    dsc, nsd = _score_class(
+        p,
+        g,
+        spacing,
+        tol,
+        zcrop=rules is not None and n in rules.zcrop,
+        zcrop_inclusive=rules.zcrop_inclusive if rules is not None else False,
+        nsd_min_dsc=rules.nsd_min_dsc if rules is not None else 0.0,
+    )
+    return ClassScore(n, float(dsc), float(nsd), STATUS_OK, tol)
+
+
 def evaluate_case(
     pred_masks: Mapping[str, Any],
     gt_masks: Mapping[str, Any],
@@ -522,53 +586,21 @@ def evaluate_case(
     >>> r["liver"].dsc, r["spleen"].dsc, r.mean()["dsc"]
     (1.0, 0.0, 0.5)
     """
-    rules = _get_preset(preset)
+    rules = get_preset(preset)
     sp = _spacing3(spacing)
     if rules is not None and rules.name == "flare23":
         pred_masks = flare23_masks_from_universal(pred_masks)
         gt_masks = flare23_masks_from_universal(gt_masks)
-    if classes is None:
-        if rules is not None:
-            names = list(rules.classes)
-        else:
-            names = list(gt_masks) + [n for n in pred_masks if n not in gt_masks]
-    else:
-        names = list(dict.fromkeys(classes))
-        if rules is not None:
-            unknown = [n for n in names if n not in rules.classes]
-            if unknown:
-                raise InputError(f"{unknown} are not {rules.name} classes; choose from {list(rules.classes)}")
+    names = _report_classes(rules, classes, pred_masks, gt_masks)
     if annotated is None:
         annotated_set = set(rules.classes) if rules is not None else set(gt_masks)
     else:
         annotated_set = set(annotated)
-
-    shapes = {np.shape(m) for m in (*pred_masks.values(), *gt_masks.values())}
-    if len(shapes) > 1:
-        raise InputError(f"all masks must be on one grid, got shapes {sorted(shapes)}")
-    if not shapes:
-        raise InputError("evaluate_case needs at least one mask to know the grid")
-    (shape,) = shapes
-    empty = np.zeros(shape, dtype=bool)
-
-    scores: dict[str, ClassScore] = {}
-    for n in names:
-        tol = _tolerance_for(n, rules, tolerance_mm)
-        if n not in annotated_set:
-            scores[n] = ClassScore(n, float("nan"), float("nan"), STATUS_NOT_ANNOTATED, tol)
-            continue
-        p = _as_bool(pred_masks[n], f"prediction {n!r}") if n in pred_masks else empty
-        g = _as_bool(gt_masks[n], f"reference {n!r}") if n in gt_masks else empty
-        dsc, nsd = _score_class(
-            p,
-            g,
-            sp,
-            tol,
-            zcrop=rules is not None and n in rules.zcrop,
-            zcrop_inclusive=rules.zcrop_inclusive if rules is not None else False,
-            nsd_min_dsc=rules.nsd_min_dsc if rules is not None else 0.0,
-        )
-        scores[n] = ClassScore(n, float(dsc), float(nsd), STATUS_OK, tol)
+    empty = np.zeros(_common_shape(pred_masks, gt_masks), dtype=bool)
+    scores = {
+        n: _class_score(n, pred_masks, gt_masks, empty, sp, rules, tolerance_mm, n in annotated_set)
+        for n in names
+    }
     organs = tuple(c for c in rules.organ_classes if c in scores) if rules is not None else ()
     return CaseResult(scores=scores, preset=rules.name if rules else None, organ_classes=organs, name=name)
 

@@ -166,81 +166,176 @@ class _Part:
     centre: np.ndarray | None = None
 
 
-def _anatomy(rng: np.random.Generator) -> tuple[list[_Part], list[tuple[str, str, _Shape, float]]]:
-    """The parts (painted in order, later wins) and the tumours (name, parent, shape, HU); canonical mm."""
-    amp = 0.05
+class _Jitter:
+    """Shape makers (canonical mm) with random jitter; every draw comes from ``rng``, in call order."""
 
-    def jit(c: Any, sd: float = 1.5) -> np.ndarray:
-        return np.asarray(c, dtype=float) + rng.normal(0.0, sd, 3)
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
 
-    def ell(c: Any, a: Any, rot: np.ndarray | None = None, deform: float = amp) -> tuple[_Shape, np.ndarray]:
-        centre = jit(c)
-        semi = np.asarray(a, dtype=float) * rng.uniform(0.95, 1.05, 3)
-        return _ellipsoid(centre, semi, rng.uniform(-deform, deform, 8), rot), centre
+    def centre(self, c: Any, sd: float = 1.5) -> np.ndarray:
+        return np.asarray(c, dtype=float) + self.rng.normal(0.0, sd, 3)
 
-    def tube(points: Any, r: float, sd: float = 1.0) -> _Shape:
-        pts = np.asarray(points, dtype=float) + rng.normal(0.0, sd, (len(points), 3))
-        return _tube(pts, r, rng.uniform(-0.08, 0.08, 8))
+    def ell(
+        self, c: Any, a: Any, rot: np.ndarray | None = None, deform: float = 0.05
+    ) -> tuple[_Shape, np.ndarray]:
+        """A jittered deformed ellipsoid and its (jittered) centre."""
+        centre = self.centre(c)
+        semi = np.asarray(a, dtype=float) * self.rng.uniform(0.95, 1.05, 3)
+        return _ellipsoid(centre, semi, self.rng.uniform(-deform, deform, 8), rot), centre
 
-    parts: list[_Part] = []
+    def tube(self, points: Any, r: float, sd: float = 1.0) -> _Shape:
+        """A tube through jittered ``points`` with a random radius wobble."""
+        pts = np.asarray(points, dtype=float) + self.rng.normal(0.0, sd, (len(points), 3))
+        return _tube(pts, r, self.rng.uniform(-0.08, 0.08, 8))
 
-    def add(name: str, shape_centre: Any, hu: float, **kw: Any) -> np.ndarray | None:
-        shape, centre = shape_centre if isinstance(shape_centre, tuple) else (shape_centre, None)
-        parts.append(_Part(name, shape, hu, centre=centre, **kw))
-        return centre
 
-    # lowest priority first
-    add("right lung", ell((40, -4, 80), (34, 48, 42)), -850.0)
-    add("left lung", ell((-40, -4, 80), (34, 48, 42)), -850.0)
-    add("~psoas", tube([(22, -44, -80), (20, -42, 10)], 9.0), 55.0)
-    add("~psoas", tube([(-22, -44, -80), (-20, -42, 10)], 9.0), 55.0)
-    add("~heart", ell((-6, 18, 80), (32, 28, 30)), 40.0)
-    liver_c = add("liver", ell((40, 4, 28), (34, 44, 26)), 60.0)
-    add("stomach", ell((-28, 22, 26), (20, 18, 20)), 40.0, core=(0.8, 15.0))
-    add("spleen", ell((-55, -14, 25), (14, 24, 24)), 50.0)
-    add("intestine", ell((0, 18, -36), (40, 24, 20)), 30.0)
+def _part(name: str, shape_centre: Any, hu: float, **kw: Any) -> _Part:
+    """A :class:`_Part` from a shape or a ``(shape, centre)`` pair (as :meth:`_Jitter.ell` returns)."""
+    shape, centre = shape_centre if isinstance(shape_centre, tuple) else (shape_centre, None)
+    return _Part(name, shape, hu, centre=centre, **kw)
+
+
+def _organs(j: _Jitter) -> list[_Part]:
+    """The parts, lowest painting priority first (later wins); canonical mm."""
     colon = [(54, 14, -46), (56, 16, -20), (52, 26, -12), (0, 40, -16), (-52, 26, 2), (-58, 6, -14)]
     colon += [(-56, 8, -44), (-24, 4, -56), (-6, -22, -62)]
-    add("colon", tube(colon, 10.0), 35.0, core=(0.6, -600.0))
-    add("rectum", tube([(-6, -22, -62), (-2, -26, -72), (0, -30, -84)], 9.0), 30.0, core=(0.5, -400.0))
-    add("bladder", ell((0, 22, -62), (26, 20, 16)), 8.0)
-    add("prostate", ell((0, 2, -76), (11, 9, 9)), 40.0)
-    add("pancreas", ell((-4, -4, 6), (38, 7, 8), rot=_rot_y(15.0)), 40.0)
     duodenum = [(14, 8, 6), (32, 8, 2), (36, 0, -10), (28, -6, -20), (4, -8, -22), (-12, -4, -18)]
-    add("duodenum", tube(duodenum, 7.0), 35.0)
-    add("gallbladder", ell((28, 30, 6), (9, 11, 12)), 10.0)
-    rk_c = add("right kidney", ell((38, -32, -5), (13, 15, 28)), 150.0, core=(0.45, 30.0))
-    lk_c = add("left kidney", ell((-38, -32, 0), (13, 15, 28)), 150.0, core=(0.45, 30.0))
-    add("right adrenal gland", ell((26, -24, 30), (4, 7, 8)), 25.0)
-    add("left adrenal gland", ell((-26, -24, 30), (4, 7, 8)), 25.0)
-    add("esophagus", tube([(-2, -8, 80), (-4, -6, 45), (-14, 10, 34)], 6.0), 40.0, core=(0.3, -800.0))
-    add("inferior vena cava", tube([(16, -22, -80), (16, -22, 50)], 9.0), 110.0)
-    add("aorta", tube([(-12, -24, -70), (-12, -24, 80)], 8.0), 170.0)
-    add("~vertebra", tube([(0, -46, -90), (0, -46, 90)], 12.0), 700.0, clip="body", core=(0.8, 300.0))
-    add(
-        "right femoral head",
-        ell((66, 0, -66), (15, 15, 15), deform=0.02),
-        700.0,
-        clip="body",
-        core=(0.8, 400.0),
-    )
-    add(
-        "left femoral head",
-        ell((-66, 0, -66), (15, 15, 15), deform=0.02),
-        700.0,
-        clip="body",
-        core=(0.8, 400.0),
-    )
+    bone = {"clip": "body", "core": (0.8, 400.0)}
+    # the list is built element by element, so the random draws happen in this order
+    return [
+        _part("right lung", j.ell((40, -4, 80), (34, 48, 42)), -850.0),
+        _part("left lung", j.ell((-40, -4, 80), (34, 48, 42)), -850.0),
+        _part("~psoas", j.tube([(22, -44, -80), (20, -42, 10)], 9.0), 55.0),
+        _part("~psoas", j.tube([(-22, -44, -80), (-20, -42, 10)], 9.0), 55.0),
+        _part("~heart", j.ell((-6, 18, 80), (32, 28, 30)), 40.0),
+        _part("liver", j.ell((40, 4, 28), (34, 44, 26)), 60.0),
+        _part("stomach", j.ell((-28, 22, 26), (20, 18, 20)), 40.0, core=(0.8, 15.0)),
+        _part("spleen", j.ell((-55, -14, 25), (14, 24, 24)), 50.0),
+        _part("intestine", j.ell((0, 18, -36), (40, 24, 20)), 30.0),
+        _part("colon", j.tube(colon, 10.0), 35.0, core=(0.6, -600.0)),
+        _part(
+            "rectum", j.tube([(-6, -22, -62), (-2, -26, -72), (0, -30, -84)], 9.0), 30.0, core=(0.5, -400.0)
+        ),
+        _part("bladder", j.ell((0, 22, -62), (26, 20, 16)), 8.0),
+        _part("prostate", j.ell((0, 2, -76), (11, 9, 9)), 40.0),
+        _part("pancreas", j.ell((-4, -4, 6), (38, 7, 8), rot=_rot_y(15.0)), 40.0),
+        _part("duodenum", j.tube(duodenum, 7.0), 35.0),
+        _part("gallbladder", j.ell((28, 30, 6), (9, 11, 12)), 10.0),
+        _part("right kidney", j.ell((38, -32, -5), (13, 15, 28)), 150.0, core=(0.45, 30.0)),
+        _part("left kidney", j.ell((-38, -32, 0), (13, 15, 28)), 150.0, core=(0.45, 30.0)),
+        _part("right adrenal gland", j.ell((26, -24, 30), (4, 7, 8)), 25.0),
+        _part("left adrenal gland", j.ell((-26, -24, 30), (4, 7, 8)), 25.0),
+        _part(
+            "esophagus", j.tube([(-2, -8, 80), (-4, -6, 45), (-14, 10, 34)], 6.0), 40.0, core=(0.3, -800.0)
+        ),
+        _part("inferior vena cava", j.tube([(16, -22, -80), (16, -22, 50)], 9.0), 110.0),
+        _part("aorta", j.tube([(-12, -24, -70), (-12, -24, 80)], 8.0), 170.0),
+        _part(
+            "~vertebra", j.tube([(0, -46, -90), (0, -46, 90)], 12.0), 700.0, clip="body", core=(0.8, 300.0)
+        ),
+        _part("right femoral head", j.ell((66, 0, -66), (15, 15, 15), deform=0.02), 700.0, **bone),
+        _part("left femoral head", j.ell((-66, 0, -66), (15, 15, 15), deform=0.02), 700.0, **bone),
+    ]
 
-    assert liver_c is not None and rk_c is not None and lk_c is not None
+
+def _anatomy(rng: np.random.Generator) -> tuple[list[_Part], list[tuple[str, str, _Shape, float]]]:
+    """The parts (painted in order, later wins) and the tumours (name, parent, shape, HU); canonical mm."""
+    j = _Jitter(rng)
+    parts = _organs(j)
+    c = {p.name: p.centre for p in parts if p.centre is not None}
     tumours = [
-        ("liver tumor", "liver", ell(liver_c + (12, 6, 0), (9, 9, 9), deform=0.1)[0], 20.0),
-        ("liver tumor", "liver", ell(liver_c + (-14, 12, 12), (5, 5, 5), deform=0.1)[0], 25.0),
-        ("kidney tumor", "left kidney", ell(lk_c + (-8, -2, 12), (7, 7, 7), deform=0.1)[0], 35.0),
-        ("kidney cyst", "right kidney", ell(rk_c + (6, 4, -12), (5, 5, 5), deform=0.05)[0], 5.0),
-        ("lung tumor", "right lung", ell((44, -14, 62), (8, 8, 8), deform=0.1)[0], 20.0),
+        ("liver tumor", "liver", j.ell(c["liver"] + (12, 6, 0), (9, 9, 9), deform=0.1)[0], 20.0),
+        ("liver tumor", "liver", j.ell(c["liver"] + (-14, 12, 12), (5, 5, 5), deform=0.1)[0], 25.0),
+        (
+            "kidney tumor",
+            "left kidney",
+            j.ell(c["left kidney"] + (-8, -2, 12), (7, 7, 7), deform=0.1)[0],
+            35.0,
+        ),
+        (
+            "kidney cyst",
+            "right kidney",
+            j.ell(c["right kidney"] + (6, 4, -12), (5, 5, 5), deform=0.05)[0],
+            5.0,
+        ),
+        ("lung tumor", "right lung", j.ell((44, -14, 62), (8, 8, 8), deform=0.1)[0], 20.0),
     ]
     return parts, tumours
+
+
+def _check_grid(shape: Any, spacing: Any) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """``(shape, spacing)`` as int and float triples, or an :class:`InputError` saying what is wrong."""
+    shape_t = tuple(int(s) for s in shape)
+    spacing_t = tuple(float(s) for s in spacing)
+    if len(shape_t) != 3 or min(shape_t) < 8:
+        raise InputError(f"make_phantom needs a 3-D shape with at least 8 voxels per axis, got {shape!r}.")
+    if len(spacing_t) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing_t):
+        raise InputError(f"make_phantom needs three positive voxel spacings in mm, got {spacing!r}.")
+    return shape_t, spacing_t  # type: ignore[return-value]
+
+
+def _body_sections(grid: _Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """2-D (X, Y) masks of the body, the outer muscle boundary and the abdominal cavity (constant along z)."""
+    x2 = grid.axes[0][:, None] ** 2
+    y2 = grid.axes[1][None, :] ** 2
+    return tuple(x2 / ab[0] ** 2 + y2 / ab[1] ** 2 < 1.0 for ab in (_BODY, _MUSCLE, _CAVITY))  # type: ignore[return-value]
+
+
+def _paint_part(
+    part: _Part, grid: _Grid, hu: np.ndarray, owner: np.ndarray, clip2d: np.ndarray, label: int
+) -> None:
+    """Paint one part into ``hu`` and ``owner`` (both modified in place), clipped to ``clip2d`` (X, Y)."""
+    made = part.shape(grid)
+    if made is None:
+        return
+    sl, rho = made
+    region = (rho < 1.0) & clip2d[sl[0], sl[1]][:, :, None]
+    owner[sl][region] = label
+    block = hu[sl]
+    block[region] = part.hu
+    if part.core is not None:
+        block[region & (rho < part.core[0])] = part.core[1]
+    if part.name == "stomach":  # an air cap in the non-dependent (anterior) lumen
+        _, y, _ = grid.coords(sl)
+        assert part.centre is not None
+        block[region & (rho < 0.8) & (y > part.centre[1] + 6.0)] = -950.0
+    if part.name == "intestine":  # gas pockets between loops
+        x, y, z = grid.coords(sl)
+        pockets = np.sin(x / 5.0) * np.sin(y / 6.0 + 1.0) * np.sin(z / 4.0 + 2.0) > 0.55
+        block[region & pockets] = -700.0
+
+
+def _paint_organs(grid: _Grid, parts: list[_Part]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The float32 HU array of body and organs, and the organ masks (universal name → bool (X, Y, Z))."""
+    body2d, muscle2d, cavity2d = _body_sections(grid)
+    section = np.where(
+        cavity2d, _HU_CAVITY, np.where(muscle2d, _HU_MUSCLE, np.where(body2d, _HU_FAT, _HU_AIR))
+    )
+    hu = np.repeat(section.astype(np.float32)[:, :, None], grid.shape[2], axis=2)
+    owner = np.zeros(grid.shape, dtype=np.int16)
+    ids: dict[str, int] = {}  # unlabelled tissue ("~name") gets a negative id
+    for part in parts:
+        ids.setdefault(
+            part.name, resolve_class(part.name).index if not part.name.startswith("~") else -len(ids) - 1
+        )
+        _paint_part(part, grid, hu, owner, cavity2d if part.clip == "cavity" else body2d, ids[part.name])
+    return hu, {name: owner == i for name, i in ids.items() if i > 0}
+
+
+def _paint_tumours(
+    grid: _Grid, tumours: list[tuple[str, str, _Shape, float]], hu: np.ndarray, masks: dict[str, np.ndarray]
+) -> None:
+    """Paint the tumours inside their parent organ into ``hu`` and ``masks`` (both modified in place)."""
+    for name, parent, shape_fn, value in tumours:
+        made = shape_fn(grid)
+        if made is None or parent not in masks:
+            continue
+        sl, rho = made
+        region = (rho < 1.0) & masks[parent][sl]
+        if name not in masks:
+            masks[name] = np.zeros(grid.shape, dtype=bool)
+        masks[name][sl] |= region
+        hu[sl][region] = value
 
 
 def make_phantom(
@@ -264,70 +359,12 @@ def make_phantom(
     """
     from scipy import ndimage
 
-    shape_t = tuple(int(s) for s in shape)
-    spacing_t = tuple(float(s) for s in spacing)
-    if len(shape_t) != 3 or min(shape_t) < 8:
-        raise InputError(f"make_phantom needs a 3-D shape with at least 8 voxels per axis, got {shape!r}.")
-    if len(spacing_t) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing_t):
-        raise InputError(f"make_phantom needs three positive voxel spacings in mm, got {spacing!r}.")
+    shape_t, spacing_t = _check_grid(shape, spacing)
     rng = np.random.default_rng(seed)
-    grid = _Grid(shape_t, spacing_t)  # type: ignore[arg-type]
+    grid = _Grid(shape_t, spacing_t)
     parts, tumours = _anatomy(rng)
-
-    # body cross-section, constant along z
-    x2 = grid.axes[0][:, None] ** 2
-    y2 = grid.axes[1][None, :] ** 2
-
-    def inside(ab: tuple[float, float]) -> np.ndarray:
-        return x2 / ab[0] ** 2 + y2 / ab[1] ** 2 < 1.0
-
-    body2d, muscle2d, cavity2d = inside(_BODY), inside(_MUSCLE), inside(_CAVITY)
-    section = np.where(
-        cavity2d, _HU_CAVITY, np.where(muscle2d, _HU_MUSCLE, np.where(body2d, _HU_FAT, _HU_AIR))
-    )
-    hu = np.repeat(section.astype(np.float32)[:, :, None], shape_t[2], axis=2)
-    owner = np.zeros(shape_t, dtype=np.int16)
-
-    ids: dict[str, int] = {}
-    for part in parts:
-        ids.setdefault(
-            part.name, resolve_class(part.name).index if not part.name.startswith("~") else -len(ids) - 1
-        )
-        made = part.shape(grid)
-        if made is None:
-            continue
-        sl, rho = made
-        clip2d = cavity2d if part.clip == "cavity" else body2d
-        region = (rho < 1.0) & clip2d[sl[0], sl[1]][:, :, None]
-        owner[sl][region] = ids[part.name]
-        block = hu[sl]
-        block[region] = part.hu
-        if part.core is not None:
-            block[region & (rho < part.core[0])] = part.core[1]
-        if part.name == "stomach":  # an air cap in the non-dependent (anterior) lumen
-            _, y, _ = grid.coords(sl)
-            assert part.centre is not None
-            block[region & (rho < 0.8) & (y > part.centre[1] + 6.0)] = -950.0
-        if part.name == "intestine":  # gas pockets between loops
-            x, y, z = grid.coords(sl)
-            pockets = np.sin(x / 5.0) * np.sin(y / 6.0 + 1.0) * np.sin(z / 4.0 + 2.0) > 0.55
-            block[region & pockets] = -700.0
-
-    masks: dict[str, np.ndarray] = {}
-    for name, i in ids.items():
-        if i > 0:
-            masks[name] = owner == i
-    for name, parent, shape_fn, value in tumours:
-        made = shape_fn(grid)
-        if made is None or parent not in masks:
-            continue
-        sl, rho = made
-        region = (rho < 1.0) & masks[parent][sl]
-        if name not in masks:
-            masks[name] = np.zeros(shape_t, dtype=bool)
-        masks[name][sl] |= region
-        hu[sl][region] = value
-
+    hu, masks = _paint_organs(grid, parts)
+    _paint_tumours(grid, tumours, hu, masks)
     masks = {n: m for n, m in sorted(masks.items(), key=lambda nm: resolve_class(nm[0]).index) if m.any()}
 
     sigma = [_BLUR_MM / s for s in spacing_t]

@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from universal import taxonomy
 from universal.errors import ClassNameError, InputError
+from universal.taxonomy import world_x_mm
 
 __all__ = [
     "CONNECTIVITY",
@@ -43,6 +45,7 @@ __all__ = [
     "assign_sides",
     "restrict_to_parent",
     "body_midline_x_mm",
+    "bounding_box",
 ]
 
 #: Neighbourhood used for connected components (26 = faces, edges and corners).
@@ -127,10 +130,16 @@ def _spacing_from(spacing_or_affine: Any) -> tuple[float, float, float]:
     return (float(s[0]), float(s[1]), float(s[2]))
 
 
-def _bbox(mask: np.ndarray, margin: Sequence[int] = (0, 0, 0)) -> tuple[slice, ...] | None:
-    """Bounding box (grown by ``margin`` voxels, clipped to the grid) of a 3-D mask; ``None`` when empty.
+def bounding_box(mask: np.ndarray, margin: Sequence[int] = (0, 0, 0)) -> tuple[slice, ...] | None:
+    """Bounding box (grown by ``margin`` voxels, clipped to the grid) of a 3-D mask as slices; ``None`` when empty.
 
     The first axis is found on the whole volume, the other two only on that slab (cheap for small masks).
+
+    >>> m = np.zeros((10, 10, 10), bool); m[2:4, 5, 7:9] = True
+    >>> bounding_box(m)
+    (slice(2, 4, None), slice(5, 6, None), slice(7, 9, None))
+    >>> bounding_box(m, (1, 1, 3))[2], bounding_box(np.zeros((4, 4, 4), bool))
+    (slice(4, 10, None), None)
     """
     idx0 = np.flatnonzero(np.any(mask, axis=(1, 2)))
     if idx0.size == 0:
@@ -169,7 +178,7 @@ def keep_largest_component(mask: Any) -> np.ndarray:
     """A new mask with only the largest 26-connected component (empty stays empty; ties: the first found)."""
     m = _check_mask(mask)
     out = np.zeros(m.shape, dtype=bool)
-    box = _bbox(m)
+    box = bounding_box(m)
     if box is None:
         return out
     comps, n, sizes = _label(m[box])
@@ -192,7 +201,7 @@ def remove_small_components(mask: Any, min_mm3: float, spacing: Any = (1.0, 1.0,
     m = _check_mask(mask)
     sp = _spacing_from(spacing)
     out = np.zeros(m.shape, dtype=bool)
-    box = _bbox(m)
+    box = bounding_box(m)
     if box is None:
         return out
     if min_mm3 <= 0:
@@ -205,11 +214,6 @@ def remove_small_components(mask: Any, min_mm3: float, spacing: Any = (1.0, 1.0,
     return out
 
 
-def _world_x(affine: np.ndarray, vox: np.ndarray) -> np.ndarray:
-    """World (RAS+) x in mm of voxel coordinates (N, 3)."""
-    return vox @ affine[0, :3] + affine[0, 3]
-
-
 def body_midline_x_mm(ct: Any, affine: Any, threshold_hu: float = -500.0) -> float:
     """World x (mm) of the body's centre: the centroid of voxels above ``threshold_hu`` (air excluded).
 
@@ -220,9 +224,9 @@ def body_midline_x_mm(ct: Any, affine: Any, threshold_hu: float = -500.0) -> flo
     body = arr > threshold_hu
     if not body.any():
         centre = (np.asarray(arr.shape, dtype=np.float64) - 1) / 2
-        return float(_world_x(a, centre[None])[0])
+        return float(world_x_mm(a, centre[None])[0])
     com = np.asarray(ndimage.center_of_mass(body), dtype=np.float64)
-    return float(_world_x(a, com[None])[0])
+    return float(world_x_mm(a, com[None])[0])
 
 
 def assign_sides(
@@ -255,54 +259,22 @@ def assign_sides(
         New (right, left) masks.
     """
     a = _check_affine(affine)
-    if right is None and left is None:
-        raise InputError("assign_sides needs at least one of the two masks")
-    r = _check_mask(right, "right mask") if right is not None else None
-    l_ = _check_mask(left, "left mask") if left is not None else None
+    r, l_ = _check_pair(right, left)
     shape = (r if r is not None else l_).shape  # type: ignore[union-attr]
-    if r is not None and l_ is not None and r.shape != l_.shape:
-        raise InputError(f"right {r.shape} and left {l_.shape} masks must be on the same grid")
     out_r, out_l = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
-    boxes = [b for b in (_bbox(m) if m is not None else None for m in (r, l_)) if b is not None]
-    if not boxes:
+    pooled = _pooled_components([m for m in (r, l_) if m is not None])
+    if pooled is None:
         return out_r, out_l
-    box = tuple(slice(min(b[ax].start for b in boxes), max(b[ax].stop for b in boxes)) for ax in range(3))
-    pooled = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
-    for m in (r, l_):
-        if m is not None:
-            pooled |= m[box]
-    comps, n, sizes = _label(pooled)
+    box, comps, n, sizes = pooled
     ids = np.arange(1, n + 1)
     ids = ids[sizes[1:] >= _min_voxels(min_component_mm3, _spacing_from(a))] if min_component_mm3 > 0 else ids
     if ids.size == 0:
         return out_r, out_l
-    # centroids (voxel coordinates on the full grid) from the component voxels only
-    coords = np.nonzero(comps)
-    labels_of = comps[coords]
-    com = (
-        np.stack(
-            [
-                np.bincount(labels_of, weights=c + box[ax].start, minlength=n + 1)
-                for ax, c in enumerate(coords)
-            ],
-            axis=1,
-        )[ids]
-        / sizes[ids, None]
-    )
-    xs = _world_x(a, com)
-    if body_x_mm is not None:
-        midline = float(body_x_mm)
-    elif ids.size >= 2:
-        midline = float(xs.mean())
-    else:
-        centre = (np.asarray(shape, dtype=np.float64) - 1) / 2
-        midline = float(_world_x(a, centre[None])[0])
-    is_right = xs > midline
+    xs = world_x_mm(a, _centroids(comps, n, sizes, box)[ids])
+    is_right = xs > _midline_x(xs, a, shape, body_x_mm)
     for side_mask, out, want in ((r, out_r, True), (l_, out_l, False)):
-        if side_mask is None:
-            continue
         chosen = ids[is_right == want]
-        if chosen.size == 0:
+        if side_mask is None or chosen.size == 0:
             continue
         if keep_largest:
             chosen = chosen[[int(np.argmax(sizes[chosen]))]]
@@ -310,6 +282,51 @@ def assign_sides(
         lut[chosen] = True
         out[box] = lut[comps]
     return out_r, out_l
+
+
+def _check_pair(right: Any, left: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The (right, left) masks as bool arrays (either may be ``None``, not both) on one grid."""
+    if right is None and left is None:
+        raise InputError("assign_sides needs at least one of the two masks")
+    r = _check_mask(right, "right mask") if right is not None else None
+    l_ = _check_mask(left, "left mask") if left is not None else None
+    if r is not None and l_ is not None and r.shape != l_.shape:
+        raise InputError(f"right {r.shape} and left {l_.shape} masks must be on the same grid")
+    return r, l_
+
+
+def _pooled_components(
+    masks: Sequence[np.ndarray],
+) -> tuple[tuple[slice, ...], np.ndarray, int, np.ndarray] | None:
+    """``(box, components, count, sizes)`` of the union of ``masks`` on its bounding box; ``None`` when empty."""
+    boxes = [b for b in (bounding_box(m) for m in masks) if b is not None]
+    if not boxes:
+        return None
+    box = tuple(slice(min(b[ax].start for b in boxes), max(b[ax].stop for b in boxes)) for ax in range(3))
+    pooled = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
+    for m in masks:
+        pooled |= m[box]
+    comps, n, sizes = _label(pooled)
+    return box, comps, n, sizes
+
+
+def _centroids(comps: np.ndarray, n: int, sizes: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+    """(n + 1, 3) centroids of the components, in voxel coordinates of the full grid (row 0: background, unused)."""
+    coords = np.nonzero(comps)
+    labels_of = comps[coords]
+    sums = [np.bincount(labels_of, weights=c + box[ax].start, minlength=n + 1) for ax, c in enumerate(coords)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.stack(sums, axis=1) / sizes[:, None]
+
+
+def _midline_x(xs: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], body_x_mm: float | None) -> float:
+    """World x (mm) of the midline: ``body_x_mm``, else the mean of ≥ 2 centroids ``xs``, else the grid centre."""
+    if body_x_mm is not None:
+        return float(body_x_mm)
+    if xs.size >= 2:
+        return float(xs.mean())
+    centre = (np.asarray(shape, dtype=np.float64) - 1) / 2
+    return float(world_x_mm(affine, centre[None])[0])
 
 
 def restrict_to_parent(
@@ -335,7 +352,7 @@ def restrict_to_parent(
     out = np.zeros(t.shape, dtype=bool)
     # grow the tumour's box by the margin (+1 voxel for contact): only the parent there can matter
     grow = [int(np.ceil(margin_mm / s)) + 1 for s in sp]
-    box = _bbox(t, grow)
+    box = bounding_box(t, grow)
     if box is None or not p[box].any():
         return out
     tb, pb = t[box], p[box]
@@ -360,8 +377,6 @@ class _ClassRole:
 
 
 def _role(name: str) -> _ClassRole:
-    from universal import taxonomy
-
     try:
         info = taxonomy.resolve_class(name)
     except ClassNameError:  # a name outside the taxonomy: a plain organ (size and largest-component rules)
@@ -410,12 +425,32 @@ def postprocess(
         return {n: m.copy() for n, m in arrays.items()}
     sp = _spacing_from(a)
     roles = {n: _role(n) for n in arrays}
-    out: dict[str, np.ndarray] = {}
-
     # 1. paired organs: sides by world x, largest per side
-    done: set[str] = set()
+    out = _fix_paired_organs(arrays, roles, cfg, a, body_x_mm)
+    # 2. organs: small components, largest component
     for n, role in roles.items():
-        if n in done or role.kind != "organ" or role.paired is None or role.side is None:
+        if n not in out and role.kind != "tumor":
+            out[n] = _clean_organ(arrays[n], cfg.for_class(n), sp)
+    # 3. tumours: inside/touching the (post-processed) parent, then small components
+    for n, role in roles.items():
+        if role.kind == "tumor":
+            present = [p for p in role.parents if p in arrays]
+            parent = np.logical_or.reduce([out.get(p, arrays[p]) for p in present]) if present else None
+            out[n] = _clean_tumour(arrays[n], parent, cfg.for_class(n), sp)
+    return {n: out[n] for n in arrays}
+
+
+def _fix_paired_organs(
+    arrays: Mapping[str, np.ndarray],
+    roles: Mapping[str, _ClassRole],
+    cfg: PostprocessConfig,
+    affine: np.ndarray,
+    body_x_mm: float | None,
+) -> dict[str, np.ndarray]:
+    """:func:`assign_sides` on every paired organ (and its partner when predicted) whose settings allow it."""
+    out: dict[str, np.ndarray] = {}
+    for n, role in roles.items():
+        if n in out or role.kind != "organ" or role.paired is None or role.side is None:
             continue
         c = cfg.for_class(n)
         if not (c.enabled and c.fix_sides):
@@ -428,7 +463,7 @@ def postprocess(
         r, l_ = assign_sides(
             arrays.get(right_name) if right_name else None,
             arrays.get(left_name) if left_name else None,
-            a,
+            affine,
             body_x_mm=body_x_mm,
             min_component_mm3=min(c.min_component_mm3, cp.min_component_mm3),
             keep_largest=c.keep_largest and cp.keep_largest,
@@ -436,33 +471,22 @@ def postprocess(
         for name, arr in ((right_name, r), (left_name, l_)):
             if name is not None:
                 out[name] = arr
-                done.add(name)
+    return out
 
-    # 2. organs: small components, largest component
-    for n, role in roles.items():
-        if n in done or role.kind == "tumor":
-            continue
-        c = cfg.for_class(n)
-        m = arrays[n]
-        if not c.enabled:
-            out[n] = m.copy()
-            continue
-        m = remove_small_components(m, c.min_component_mm3, sp)
-        out[n] = keep_largest_component(m) if c.keep_largest else m
 
-    # 3. tumours: inside/touching the (post-processed) parent, then small components
-    for n, role in roles.items():
-        if role.kind != "tumor":
-            continue
-        c = cfg.for_class(n)
-        m = arrays[n]
-        if not c.enabled:
-            out[n] = m.copy()
-            continue
-        present = [p for p in role.parents if p in arrays]
-        if present:
-            parent = np.logical_or.reduce([out.get(p, arrays[p]) for p in present])
-            m = restrict_to_parent(m, parent, sp, c.tumor_parent_margin_mm)
-        out[n] = remove_small_components(m, c.min_component_mm3, sp)
+def _clean_organ(mask: np.ndarray, c: PostprocessConfig, spacing: tuple[float, float, float]) -> np.ndarray:
+    """An organ without its small components, and reduced to its largest one when ``c.keep_largest``."""
+    if not c.enabled:
+        return mask.copy()
+    m = remove_small_components(mask, c.min_component_mm3, spacing)
+    return keep_largest_component(m) if c.keep_largest else m
 
-    return {n: out[n] for n in arrays}
+
+def _clean_tumour(
+    mask: np.ndarray, parent: np.ndarray | None, c: PostprocessConfig, spacing: tuple[float, float, float]
+) -> np.ndarray:
+    """A tumour restricted to its ``parent`` organ (when predicted), without its small components."""
+    if not c.enabled:
+        return mask.copy()
+    m = restrict_to_parent(mask, parent, spacing, c.tumor_parent_margin_mm) if parent is not None else mask
+    return remove_small_components(m, c.min_component_mm3, spacing)

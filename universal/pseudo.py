@@ -35,7 +35,19 @@ from typing import Any
 
 import numpy as np
 
+from universal import taxonomy
+from universal.data import (
+    Case,
+    Manifest,
+    case_targets,
+    label_map_from_spec,
+    load_manifest,
+    universal_id_label_map_spec,
+    validate_manifest,
+    write_manifest,
+)
 from universal.errors import InputError
+from universal.io import atomic_write_text, load_volume, save_mask, to_json
 
 __all__ = [
     "PseudoLabelConfig",
@@ -47,14 +59,18 @@ __all__ = [
 ]
 
 PSEUDO_DATASET = "universal_pseudo"
+#: what happens to a class the teacher predicts nowhere (``PseudoLabelConfig.empty_as_negative``; CLI ``--empty``)
+EMPTY_POLICIES = {"absent": True, "unannotated": False}
 
 
 @dataclass(frozen=True)
 class PseudoLabelConfig:
     """Rules that decide which predictions become pseudo-labels and which cases go to review.
 
+    The probability threshold of the predicted masks is the teacher :class:`~universal.predictor.Predictor`'s (one
+    home for it); these rules decide what happens to its predictions. Checked where they enter.
+
     Attributes:
-        threshold: Probability threshold of the predicted masks.
         min_confidence: A predicted (non-empty) mask is accepted only if the mean probability inside it reaches
             this; otherwise the class stays unannotated for the case.
         empty_as_negative: An empty prediction counts as an annotated "absent" (True) or stays unannotated.
@@ -63,12 +79,23 @@ class PseudoLabelConfig:
         review_min_confidence: Flag a case when an accepted pseudo-label's mean confidence is below this.
     """
 
-    threshold: float = 0.5
     min_confidence: float = 0.75
     empty_as_negative: bool = True
     review_min_dsc: float = 0.5
     review_max_components: int = 1
     review_min_confidence: float = 0.85
+
+    def __post_init__(self) -> None:
+        for name in ("min_confidence", "review_min_dsc", "review_min_confidence"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+                raise InputError(f"{name} is {v!r}; it must be a number in [0, 1]")
+            object.__setattr__(self, name, float(v))
+        if not isinstance(self.empty_as_negative, bool):
+            raise InputError(f"empty_as_negative is {self.empty_as_negative!r}; it must be True or False")
+        v = self.review_max_components
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InputError(f"review_max_components is {v!r}; it must be an integer >= 1")
 
 
 # ------------------------------------------------------------------------------------------------ label storage
@@ -78,8 +105,6 @@ def encode_label_map(masks: Mapping[str, np.ndarray], ground_truth: Iterable[str
     Draw order: pseudo organs, ground-truth organs, pseudo tumours, ground-truth tumours (each in index order), so
     a ground-truth organ is never painted over by a pseudo organ, and tumours stay over organs.
     """
-    from universal import taxonomy
-
     gt = set(ground_truth)
     items = [(taxonomy.resolve_class(n), np.asarray(m, dtype=bool)) for n, m in masks.items()]
     if not items:
@@ -92,11 +117,7 @@ def encode_label_map(masks: Mapping[str, np.ndarray], ground_truth: Iterable[str
 
 def _implied(names: Sequence[str]) -> dict[str, set[str]]:
     """For each class, the classes its universal-id label value sets (itself and its parent organ(s))."""
-    from universal.data import universal_id_label_map_spec
-
     spec = universal_id_label_map_spec(names)
-    from universal import taxonomy
-
     out: dict[str, set[str]] = {}
     for v, members in spec["labels"].items():
         name = taxonomy.resolve_class(int(v)).name
@@ -131,33 +152,12 @@ def merge_with_ground_truth(
     Raises:
         RuntimeError: if the ground truth could not be preserved (a bug; never silently written).
     """
-    from universal import taxonomy
-    from universal.data import label_map_from_spec, universal_id_label_map_spec
-
     names = list(classes)
-    implied = _implied(names)
     gt = {n: np.asarray(m, dtype=bool) for n, m in ground_truth.items()}
-    ps: dict[str, np.ndarray] = {}
-    for n, m in pseudo.items():
-        m = np.asarray(m, dtype=bool).copy()
-        imp = implied.get(n, {n})
-        parents_gt = [g for g in imp - {n} if g in gt]
-        if parents_gt:  # a tumour stays inside its ground-truth parent organ
-            m &= _union(gt, parents_gt, m)
-        others = [g for g in gt if g not in imp]
-        if others:  # and never paints over a ground-truth class it does not imply
-            m &= ~_union(gt, others, m)
-        ps[n] = m
+    ps = _clip_pseudo(pseudo, gt, _implied(names))
     spec_map = label_map_from_spec(PSEUDO_DATASET, universal_id_label_map_spec(names))
     wanted = [n for n in names if n in gt or n in ps]
-    if gt:  # can the ground truth alone be stored in one universal-id label map?
-        alone = taxonomy.transfer_labels(encode_label_map(gt, gt), spec_map, affine, list(gt))
-        lost = [g for i, g in enumerate(gt) if not np.array_equal(alone[i], gt[g])]
-        if lost:
-            raise UnstorableGroundTruth(
-                f"the ground truth of {lost} overlaps other classes in a way one universal-id label map cannot "
-                "store (only tumours may lie inside their parent organ)"
-            )
+    _check_storable(gt, spec_map, affine)
     for _ in range(max_rounds):
         label = encode_label_map({**ps, **gt}, ground_truth=gt)
         decoded_arr = taxonomy.transfer_labels(label, spec_map, affine, wanted)
@@ -172,6 +172,38 @@ def merge_with_ground_truth(
     raise RuntimeError(
         "pseudo-labels could not be merged without changing the ground truth; please report this case"
     )
+
+
+def _clip_pseudo(
+    pseudo: Mapping[str, np.ndarray], gt: Mapping[str, np.ndarray], implied: Mapping[str, set[str]]
+):
+    """Pseudo masks clipped so that a tumour stays inside its ground-truth parent organ and no pseudo class paints
+    over a ground-truth class its label value does not imply (new arrays; inputs unchanged)."""
+    ps: dict[str, np.ndarray] = {}
+    for n, m in pseudo.items():
+        m = np.asarray(m, dtype=bool).copy()
+        imp = implied.get(n, {n})
+        parents_gt = [g for g in imp - {n} if g in gt]
+        if parents_gt:
+            m &= _union(gt, parents_gt, m)
+        others = [g for g in gt if g not in imp]
+        if others:
+            m &= ~_union(gt, others, m)
+        ps[n] = m
+    return ps
+
+
+def _check_storable(gt: Mapping[str, np.ndarray], spec_map: Any, affine: np.ndarray) -> None:
+    """Refuse ground truth that one universal-id label map cannot store (overlaps beyond tumour ⊂ organ)."""
+    if not gt:
+        return
+    alone = taxonomy.transfer_labels(encode_label_map(gt, gt), spec_map, affine, list(gt))
+    lost = [g for i, g in enumerate(gt) if not np.array_equal(alone[i], gt[g])]
+    if lost:
+        raise UnstorableGroundTruth(
+            f"the ground truth of {lost} overlaps other classes in a way one universal-id label map cannot "
+            "store (only tumours may lie inside their parent organ)"
+        )
 
 
 class UnstorableGroundTruth(InputError):
@@ -208,7 +240,6 @@ def quality_flags(
     config: PseudoLabelConfig,
 ) -> list[str]:
     """Review flags of one case (see the module docstring); ``rows`` are the per-class report entries."""
-    from universal import taxonomy
     from universal.postprocess import MULTI_COMPONENT_CLASSES
 
     flags: list[str] = []
@@ -258,8 +289,6 @@ def quality_flags(
 
 # ------------------------------------------------------------------------------------------------------- main
 def _as_cases(source: Any) -> tuple[list[Any], Path | None]:
-    from universal.data import Case, Manifest, load_manifest, validate_manifest
-
     if isinstance(source, (str, os.PathLike)):
         source = load_manifest(source)
     if isinstance(source, Manifest):
@@ -271,205 +300,67 @@ def _as_cases(source: Any) -> tuple[list[Any], Path | None]:
     return cases, None
 
 
-def _as_model(model: Any):
-    if isinstance(model, (str, os.PathLike)):
-        from universal.model import load_pretrained
+def _as_predictor(teacher: Any):
+    """The teacher as a :class:`~universal.predictor.Predictor` that also returns probabilities (the confidence
+    rule needs them); a model, a name or a path gets the spec's settings."""
+    from universal.predictor import Predictor
 
-        return load_pretrained(str(model))
-    return model
-
-
-def _dsc(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int(np.logical_and(a, b).sum()) / s
+    predictor = teacher if isinstance(teacher, Predictor) else Predictor(teacher)
+    if not predictor.settings.return_probabilities:
+        predictor = predictor.with_settings(return_probabilities=True)
+    return predictor
 
 
 def pseudo_label(
     manifest_or_cases: Any,
-    model: Any,
+    teacher: Any,
     out_dir: str | os.PathLike,
-    threshold: float = 0.5,
-    min_confidence: float = 0.75,
-    postprocess: Any = True,
-    *,
-    classes: Iterable[str] | None = None,
     config: PseudoLabelConfig | None = None,
-    device: Any = None,
-    fast: bool = False,
-    patch_size: int | Sequence[int] | None = None,
+    *,
     progress: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
-    """Pseudo-label a manifest's cases with ``model``; keep ground truth, fill the rest, write a new manifest.
+    """Pseudo-label a manifest's cases with ``teacher``; keep ground truth, fill the rest, write a new manifest.
 
     Args:
         manifest_or_cases: A manifest path, a :class:`~universal.data.Manifest` or a list of
             :class:`~universal.data.Case`.
-        model: A trained ``UniversalModel`` or a checkpoint path / pretrained name.
+        teacher: A :class:`~universal.predictor.Predictor` (its settings — classes, threshold, fast mode, device,
+            post-processing — decide the predictions), or a model / checkpoint path / pretrained name (run with its
+            spec's settings).
         out_dir: Output folder (``manifest.json``, ``labels/``, ``quality_report.json``/``.csv``).
-        threshold: Probability threshold of predicted masks.
-        min_confidence: Mean probability a predicted mask needs to become a pseudo-label.
-        postprocess: Component rules: ``True`` (defaults), ``False`` or a
-            :class:`universal.postprocess.PostprocessConfig`.
-        classes: Classes to label (default: all of the model's classes).
-        config: Full :class:`PseudoLabelConfig` (its ``threshold``/``min_confidence`` are overridden by the
-            arguments above when those differ from the defaults).
-        device, fast, patch_size: Passed to :func:`universal.inference.segment` (``patch_size`` defaults to the
-            training patch size recorded in the checkpoint, else 96; spacing and HU window come from the model's
-            recorded preprocessing).
+        config: The acceptance and review rules (:class:`PseudoLabelConfig`; default: its defaults).
 
     Returns:
-        ``(path of the new manifest, report)``; ``report["cases"]`` holds one dict per case with ``flags``.
+        ``(path of the new manifest, report)``; ``report["cases"]`` holds one dict per case with ``flags`` and
+        ``report["settings"]`` the rules and the teacher's resolved settings that were used.
     """
-    from universal.data import Case, case_targets, universal_id_label_map_spec, write_manifest
-    from universal.inference import segment
-    from universal.io import load_volume, save_mask
-    from universal.preprocess import PreprocessConfig
-
     cfg = config or PseudoLabelConfig()
-    if threshold != cfg.threshold or min_confidence != cfg.min_confidence:
-        cfg = PseudoLabelConfig(
-            **{**asdict(cfg), "threshold": float(threshold), "min_confidence": float(min_confidence)}
-        )
-    if not 0.0 < cfg.threshold < 1.0:
-        raise InputError(f"threshold must be in (0, 1), got {cfg.threshold}")
+    if not isinstance(cfg, PseudoLabelConfig):
+        raise InputError(f"config must be a PseudoLabelConfig, got {type(cfg).__name__}")
     cases, source_path = _as_cases(manifest_or_cases)
-    net = _as_model(model)
-    names = list(net.class_names) if classes is None else [n for n in _names(classes)]
-    missing = [n for n in names if n not in net.class_names]
-    if missing:
-        raise InputError(f"the model does not predict {missing}; it predicts {list(net.class_names)}")
-    prep = dict(getattr(net, "preprocessing", {}) or {})
-    pre_cfg = None
-    if not fast and prep.get("spacing") is not None:
-        pre_cfg = PreprocessConfig(
-            spacing_mm=tuple(float(s) for s in np.broadcast_to(prep["spacing"], (3,))),
-            hu_window=tuple(float(w) for w in prep.get("window", (-175.0, 250.0))),
-        )
-    if patch_size is None:  # the training window (recorded by universal.train), else segment's default
-        patch_size = prep.get("patch_size") or (getattr(net, "checkpoint_extra", None) or {}).get(
-            "training", {}
-        ).get("patch_size")
+    predictor = _as_predictor(teacher)
+    names = predictor.classes
     out = Path(out_dir)
     (out / "labels").mkdir(parents=True, exist_ok=True)
-    spec = universal_id_label_map_spec(names)
-    from universal.data import label_map_from_spec
-
-    pseudo_map = label_map_from_spec(PSEUDO_DATASET, spec)
-
-    new_cases: list[Case] = []
-    reports: list[dict[str, Any]] = []
+    pseudo_map = label_map_from_spec(PSEUDO_DATASET, universal_id_label_map_spec(names))
+    new_cases, reports = [], []
     iterator: Iterable[Any] = cases
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(cases, desc="pseudo-label")
     for case in iterator:
-        volume = load_volume(case.image)
-        gt_names = [n for n in case.ground_truth_classes() if n in names]
-        gt_masks: dict[str, np.ndarray] = {}
-        if gt_names:
-            arr = case_targets(case, volume, gt_names)
-            gt_masks = {n: arr[i] for i, n in enumerate(gt_names)}
-        seg = segment(
-            volume,
-            classes=names,
-            model=net,
-            device=device,
-            fast=fast,
-            return_probabilities=True,
-            postprocess=postprocess,
-            threshold=cfg.threshold,
-            preprocess_config=pre_cfg,
-            patch_size=patch_size,
-        )
-        probs = seg.probabilities or {}
-        voxel_ml = abs(float(np.linalg.det(np.asarray(volume.affine)[:3, :3]))) / 1000.0
-        rows: dict[str, dict[str, Any]] = {}
-        accepted: dict[str, np.ndarray] = {}
-        for n in names:
-            pred = np.asarray(seg.masks[n], dtype=bool)
-            p = probs.get(n)
-            conf = (
-                float(np.asarray(p[pred], dtype=np.float32).mean())
-                if (p is not None and pred.any())
-                else float("nan")
-            )
-            row: dict[str, Any] = {"mean_confidence": conf, "agreement_dsc": None}
-            if n in gt_masks:
-                row["source"] = "ground truth"
-                row["agreement_dsc"] = _dsc(pred, gt_masks[n])
-                g = gt_masks[n]  # for ground truth: the model's mean probability inside the ground-truth mask
-                row["mean_confidence"] = (
-                    float(np.asarray(p[g], dtype=np.float32).mean())
-                    if (p is not None and g.any())
-                    else float("nan")
-                )
-            elif not pred.any():
-                row["source"] = "pseudo" if cfg.empty_as_negative else "dropped"
-                if cfg.empty_as_negative:
-                    accepted[n] = pred
-            elif conf >= cfg.min_confidence:
-                row["source"] = "pseudo"
-                accepted[n] = pred
-            else:
-                row["source"] = "dropped"
-            rows[n] = row
-        if not gt_masks and not accepted:  # nothing to store: the case stays unlabeled (training skips it)
-            new_cases.append(case)
-            reports.append(_unchanged_case_report(case, rows, "no pseudo-label accepted: the case stays unlabeled"))
-            continue
-        try:
-            label, final = merge_with_ground_truth(gt_masks, accepted, volume.affine, names)
-        except UnstorableGroundTruth as exc:  # kept as it was: never trade ground truth for pseudo-labels
-            new_cases.append(case)
-            reports.append(_unchanged_case_report(case, rows, f"not pseudo-labelled: {exc}"))
-            continue
-        for n, row in rows.items():
-            m = final.get(n)
-            row["volume_ml"] = float(m.sum()) * voxel_ml if m is not None else None
-            row["components"] = _components(m) if m is not None else None
-            if m is not None and n in accepted:
-                # predicted voxels the single label map could not keep (overlaps with ground truth / other classes)
-                row["pseudo_voxels_lost"] = int(np.logical_and(accepted[n], ~m).sum())
-        flags = quality_flags(final, volume.affine, rows, cfg)
-        label_path = out / "labels" / f"{case.name}.nii.gz"
-        save_mask(label, volume, label_path, dtype=np.int16)
-        annotated = tuple(n for n in names if n in final)
-        pseudo_classes = tuple(n for n in annotated if n not in gt_masks)
-        meta = dict(case.meta)
-        meta["source_dataset"] = case.dataset
-        if case.label is not None:
-            meta["source_label"] = str(case.label)
-        new_cases.append(
-            Case(
-                case.name,
-                Path(case.image),
-                label_path,
-                PSEUDO_DATASET,
-                pseudo_map,
-                annotated,
-                pseudo_classes,
-                meta,
-            )
-        )
-        reports.append(
-            {
-                "case": case.name,
-                "dataset": case.dataset,
-                "label": str(label_path),
-                "classes": rows,
-                "flags": flags,
-                "review": bool(flags),
-            }
-        )
+        new_case, case_report = _label_case(case, predictor, cfg, out, pseudo_map)
+        new_cases.append(new_case)
+        reports.append(case_report)
     manifest_path = write_manifest(new_cases, out / "manifest.json")
     report = {
         "source": str(source_path) if source_path else None,
         "manifest": str(manifest_path),
         "settings": {
             **asdict(cfg),
-            "classes": names,
-            "postprocess": bool(postprocess) if isinstance(postprocess, bool) else repr(postprocess),
+            "threshold": predictor.resolved.threshold,
+            "teacher": predictor.describe(),
         },
         "cases": reports,
         "flagged": [r["case"] for r in reports if r["flags"]],
@@ -478,22 +369,99 @@ def pseudo_label(
     return manifest_path, report
 
 
+def _label_case(case: Any, predictor: Any, cfg: PseudoLabelConfig, out: Path, pseudo_map: Any):
+    """One case: predict, keep ground truth, accept confident predictions, store the label map → (case, report)."""
+    names = predictor.classes
+    volume = load_volume(case.image)
+    gt_names = [n for n in case.ground_truth_classes() if n in names]
+    gt_masks: dict[str, np.ndarray] = {}
+    if gt_names:
+        arr = case_targets(case, volume, gt_names)
+        gt_masks = {n: arr[i] for i, n in enumerate(gt_names)}
+    seg = predictor.predict(volume)
+    rows, accepted = _accept(seg, gt_masks, names, cfg)
+    if not gt_masks and not accepted:  # nothing to store: the case stays unlabeled (training skips it)
+        return case, _unchanged_case_report(case, rows, "no pseudo-label accepted: the case stays unlabeled")
+    try:
+        label, final = merge_with_ground_truth(gt_masks, accepted, volume.affine, names)
+    except UnstorableGroundTruth as exc:  # kept as it was: never trade ground truth for pseudo-labels
+        return case, _unchanged_case_report(case, rows, f"not pseudo-labelled: {exc}")
+    _describe_final(rows, final, accepted, volume)
+    flags = quality_flags(final, volume.affine, rows, cfg)
+    label_path = out / "labels" / f"{case.name}.nii.gz"
+    save_mask(label, volume, label_path, dtype=np.int16)
+    return _pseudo_case(case, label_path, pseudo_map, names, final, gt_masks), {
+        "case": case.name,
+        "dataset": case.dataset,
+        "label": str(label_path),
+        "classes": rows,
+        "flags": flags,
+        "review": bool(flags),
+    }
+
+
+def _mean_inside(p: np.ndarray | None, mask: np.ndarray) -> float:
+    return (
+        float(np.asarray(p[mask], dtype=np.float32).mean())
+        if (p is not None and mask.any())
+        else float("nan")
+    )
+
+
+def _accept(seg: Any, gt_masks: Mapping[str, np.ndarray], names: Sequence[str], cfg: PseudoLabelConfig):
+    """Per class: its report row (source, confidence, agreement with ground truth) and the accepted predictions."""
+    from universal.metrics import dice
+
+    probs = seg.probabilities or {}
+    rows: dict[str, dict[str, Any]] = {}
+    accepted: dict[str, np.ndarray] = {}
+    for n in names:
+        pred = np.asarray(seg.masks[n], dtype=bool)
+        row: dict[str, Any] = {"mean_confidence": _mean_inside(probs.get(n), pred), "agreement_dsc": None}
+        if n in gt_masks:
+            # for ground truth: the model's agreement and its mean probability inside the ground-truth mask
+            row.update(source="ground truth", agreement_dsc=float(dice(pred, gt_masks[n])))
+            row["mean_confidence"] = _mean_inside(probs.get(n), gt_masks[n])
+        elif not pred.any():
+            row["source"] = "pseudo" if cfg.empty_as_negative else "dropped"
+            if cfg.empty_as_negative:
+                accepted[n] = pred
+        elif row["mean_confidence"] >= cfg.min_confidence:
+            row["source"] = "pseudo"
+            accepted[n] = pred
+        else:
+            row["source"] = "dropped"
+        rows[n] = row
+    return rows, accepted
+
+
+def _describe_final(
+    rows: dict, final: Mapping[str, np.ndarray], accepted: Mapping[str, np.ndarray], volume
+) -> None:
+    voxel_ml = abs(float(np.linalg.det(np.asarray(volume.affine)[:3, :3]))) / 1000.0
+    for n, row in rows.items():
+        m = final.get(n)
+        row["volume_ml"] = float(m.sum()) * voxel_ml if m is not None else None
+        row["components"] = _components(m) if m is not None else None
+        if m is not None and n in accepted:
+            # predicted voxels the single label map could not keep (overlaps with ground truth / other classes)
+            row["pseudo_voxels_lost"] = int(np.logical_and(accepted[n], ~m).sum())
+
+
+def _pseudo_case(case: Any, label_path: Path, pseudo_map: Any, names, final, gt_masks):
+    annotated = tuple(n for n in names if n in final)
+    meta = dict(case.meta)
+    meta["source_dataset"] = case.dataset
+    if case.label is not None:
+        meta["source_label"] = str(case.label)
+    pseudo_classes = tuple(n for n in annotated if n not in gt_masks)
+    return Case(
+        case.name, Path(case.image), label_path, PSEUDO_DATASET, pseudo_map, annotated, pseudo_classes, meta
+    )
+
+
 def _names(classes: Iterable[str]) -> list[str]:
-    from universal import taxonomy
-
     return [c.name for c in taxonomy.resolve_classes(classes)]
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, (np.floating, np.integer)):
-        return _json_safe(v.item())
-    return v
 
 
 def _unchanged_case_report(case: Any, rows: dict[str, dict[str, Any]], flag: str) -> dict[str, Any]:
@@ -509,9 +477,10 @@ def _unchanged_case_report(case: Any, rows: dict[str, dict[str, Any]], flag: str
 
 
 def _write_report(out: Path, report: Mapping[str, Any]) -> None:
-    from universal.io import atomic_write_text
-
-    atomic_write_text(out / "quality_report.json", json.dumps(_json_safe(report), indent=2) + "\n")
+    atomic_write_text(
+        out / "quality_report.json",
+        json.dumps(to_json(report, default=str), indent=2, allow_nan=False) + "\n",
+    )
     fields = [
         "case",
         "class",
@@ -527,5 +496,5 @@ def _write_report(out: Path, report: Mapping[str, Any]) -> None:
     w.writeheader()
     for c in report["cases"]:
         for n, row in c["classes"].items():
-            w.writerow({"case": c["case"], "class": n, "review": c["review"], **_json_safe(row)})
+            w.writerow({"case": c["case"], "class": n, "review": c["review"], **to_json(row, default=str)})
     atomic_write_text(out / "quality_report.csv", buf.getvalue())

@@ -153,41 +153,72 @@ def synthesize(
     Returns:
         ``(image, target, available)`` with the input shapes and dtypes.
     """
-    from scipy import ndimage
-
     lo_w, hi_w = (float(w) for w in window_hu)
     width = hi_w - lo_w
     target = np.asarray(target).astype(bool)
     available = np.asarray(available, dtype=bool)
-    k = target.shape[0]
     hu = np.asarray(image[0], dtype=np.float32) * np.float32(width) + np.float32(lo_w)
     draws = rng.random(2)
-
-    if draws[0] < elastic_prob and k <= 62:
-        weights = (np.int64(1) << np.arange(k, dtype=np.int64)).reshape(k, 1, 1, 1)
-        packed = (target.astype(np.int64) * weights).sum(axis=0)
-        hu, packed = _deform(hu, packed, rng, elastic_sigma_vox, scale, rotate_deg)
-        target = ((packed[None] >> np.arange(k, dtype=np.int64).reshape(k, 1, 1, 1)) & 1).astype(bool)
-
+    if draws[0] < elastic_prob and target.shape[0] <= 62:
+        hu, target = _deform_with_masks(hu, target, rng, elastic_sigma_vox, scale, rotate_deg)
     if draws[1] < intensity_prob:
-        ranges = dict(HU_RANGES)
-        ranges.update({str(n): tuple(map(float, r)) for n, r in (hu_ranges or {}).items()})
-        order = sorted(range(k), key=lambda i: _is_tumor(str(classes[i])))  # organs first, tumours over them
-        out = hu + np.float32(rng.uniform(-global_shift_hu, global_shift_hu))
-        for i in order:
-            if not available[i]:
-                continue
-            m = target[i]
-            if not m.any():
-                continue
-            vals = hu[m]
-            real_mean = float(vals.mean())
-            lo, hi = ranges.get(str(classes[i]), DEFAULT_HU_RANGE)
-            lo, hi = min(lo, real_mean - 30.0), max(hi, real_mean + 30.0)
-            new_mean = rng.uniform(lo, hi)
-            tex = rng.uniform(*texture_scale)
-            out[m] = np.float32(new_mean) + (vals - np.float32(real_mean)) * np.float32(tex)
-        hu = out
+        ranges = {**HU_RANGES, **{str(n): tuple(map(float, r)) for n, r in (hu_ranges or {}).items()}}
+        hu = _resample_tissues(hu, target, available, classes, rng, ranges, texture_scale, global_shift_hu)
+    hu = _blur_and_noise(hu, rng, blur_max, noise_max_hu)
+    img = np.clip((hu - np.float32(lo_w)) / np.float32(width), 0.0, 1.0).astype(np.float32)[None]
+    return img, target, available
+
+
+def _deform_with_masks(
+    hu: np.ndarray,
+    target: np.ndarray,
+    rng: np.random.Generator,
+    sigma_vox: float,
+    scale: float,
+    rot_deg: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_deform` of ``hu`` (X, Y, Z) and the ≤ 62 masks ``target`` (K, X, Y, Z), packed into one bit field."""
+    k = target.shape[0]
+    bits = np.arange(k, dtype=np.int64).reshape(k, 1, 1, 1)
+    packed = (target.astype(np.int64) * (np.int64(1) << bits)).sum(axis=0)
+    hu, packed = _deform(hu, packed, rng, sigma_vox, scale, rot_deg)
+    return hu, ((packed[None] >> bits) & 1).astype(bool)
+
+
+def _resample_tissues(
+    hu: np.ndarray,
+    target: np.ndarray,
+    available: np.ndarray,
+    classes: Sequence[str],
+    rng: np.random.Generator,
+    ranges: Mapping[str, Sequence[float]],
+    texture_scale: Sequence[float],
+    global_shift_hu: float,
+) -> np.ndarray:
+    """New HU (X, Y, Z): each available class present moved to a random mean from ``ranges``, texture rescaled."""
+    order = sorted(
+        range(target.shape[0]), key=lambda i: _is_tumor(str(classes[i]))
+    )  # organs first, tumours over
+    out = hu + np.float32(rng.uniform(-global_shift_hu, global_shift_hu))
+    for i in order:
+        m = target[i]
+        if not available[i] or not m.any():
+            continue
+        vals = hu[m]
+        real_mean = float(vals.mean())
+        lo, hi = ranges.get(str(classes[i]), DEFAULT_HU_RANGE)
+        lo, hi = min(lo, real_mean - 30.0), max(hi, real_mean + 30.0)
+        new_mean = rng.uniform(lo, hi)
+        tex = rng.uniform(*texture_scale)
+        out[m] = np.float32(new_mean) + (vals - np.float32(real_mean)) * np.float32(tex)
+    return out
+
+
+def _blur_and_noise(
+    hu: np.ndarray, rng: np.random.Generator, blur_max: float, noise_max_hu: float
+) -> np.ndarray:
+    """A random Gaussian blur (σ ≤ ``blur_max`` voxels, skipped below 0.2) then noise (σ ≤ ``noise_max_hu`` HU)."""
+    from scipy import ndimage
 
     sigma = rng.uniform(0.0, blur_max)
     if sigma > 0.2:
@@ -195,8 +226,7 @@ def synthesize(
     noise = rng.uniform(0.0, noise_max_hu)
     if noise > 1.0:
         hu = hu + rng.normal(0.0, noise, size=hu.shape).astype(np.float32)
-    img = np.clip((hu - np.float32(lo_w)) / np.float32(width), 0.0, 1.0).astype(np.float32)[None]
-    return img, target, available
+    return hu
 
 
 def _register() -> None:

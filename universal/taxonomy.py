@@ -53,6 +53,7 @@ __all__ = [
     "list_datasets",
     "transfer_labels",
     "masks_to_label_map",
+    "world_x_mm",
     "TaxonomyFileError",
     "DatasetNameError",
 ]
@@ -262,47 +263,7 @@ def _load_taxonomy(path: str | Path) -> _Taxonomy:
 def _parse_classes(path: Path, entries: Any) -> tuple[ClassInfo, ...]:
     if not isinstance(entries, list) or not entries:
         raise _fail(path, "'classes' must be a non-empty list")
-    out = []
-    for i, e in enumerate(entries):
-        where = f"classes[{i}]"
-        if not isinstance(e, dict):
-            raise _fail(path, f"{where} must be an object")
-        for key in ("index", "name", "prompt_name", "kind", "color"):
-            if key not in e:
-                raise _fail(path, f"{where} lacks {key!r}")
-        name = e["name"]
-        if not isinstance(name, str) or name != _norm(name) or not name:
-            raise _fail(path, f"{where} name {name!r} must be a non-empty lower-case name with single spaces")
-        index = e["index"]
-        if not isinstance(index, int) or isinstance(index, bool):
-            raise _fail(path, f"class {name!r} has a non-integer index {index!r}")
-        if e["kind"] not in ("organ", "tumor"):
-            raise _fail(path, f"class {name!r} has kind {e['kind']!r} (expected 'organ' or 'tumor')")
-        color = e["color"]
-        if (
-            not isinstance(color, list)
-            or len(color) != 3
-            or not all(isinstance(v, int) and 0 <= v <= 255 for v in color)
-        ):
-            raise _fail(path, f"class {name!r} colour {color!r} must be three ints 0-255")
-        side = e.get("side")
-        if side not in (None, "right", "left"):
-            raise _fail(path, f"class {name!r} has side {side!r}")
-        aliases = tuple(_norm(a) for a in (*e.get("aliases", []), *e.get("legacy_aliases", [])))
-        out.append(
-            ClassInfo(
-                index=index,
-                name=name,
-                aliases=aliases,
-                prompt_name=str(e["prompt_name"]),
-                color=tuple(color),  # type: ignore[arg-type]
-                kind=e["kind"],
-                parent=tuple(e.get("parent") or ()),
-                paired=e.get("paired"),
-                side=side,
-                official_prompt=str(e.get("official_prompt", e["prompt_name"])),
-            )
-        )
+    out = tuple(_parse_class(path, f"classes[{i}]", e) for i, e in enumerate(entries))
     indices = [c.index for c in out]
     if sorted(indices) != list(range(1, len(out) + 1)) or indices != sorted(indices):
         raise _fail(path, f"class indices must be 1..{len(out)}, unique and in order (got {indices})")
@@ -312,24 +273,69 @@ def _parse_classes(path: Path, entries: Any) -> tuple[ClassInfo, ...]:
         raise _fail(path, f"duplicate class names {dupes}")
     by_name = {c.name: c for c in out}
     for c in out:
-        for p in c.parent:
-            if p not in by_name:
-                raise _fail(path, f"class {c.name!r} has an unknown parent {p!r}")
-            if by_name[p].kind != "organ":
-                raise _fail(path, f"class {c.name!r} has a parent {p!r} that is not an organ")
-        if c.kind == "tumor" and not c.parent:
-            raise _fail(path, f"tumour class {c.name!r} needs a parent organ")
-        if c.kind == "organ" and c.parent:
-            raise _fail(path, f"organ class {c.name!r} must not have a parent")
-        if c.paired is not None:
-            other = by_name.get(c.paired)
-            if other is None:
-                raise _fail(path, f"class {c.name!r} is paired with an unknown class {c.paired!r}")
-            if other.paired != c.name:
-                raise _fail(path, f"classes {c.name!r} and {c.paired!r} are not paired with each other")
-            if c.side is None or other.side is None or c.side == other.side:
-                raise _fail(path, f"paired classes {c.name!r} and {c.paired!r} need opposite sides")
-    return tuple(out)
+        _check_class_relations(path, c, by_name)
+    return out
+
+
+def _parse_class(path: Path, where: str, e: Any) -> ClassInfo:
+    """One validated entry of the taxonomy's ``classes`` list."""
+    if not isinstance(e, dict):
+        raise _fail(path, f"{where} must be an object")
+    for key in ("index", "name", "prompt_name", "kind", "color"):
+        if key not in e:
+            raise _fail(path, f"{where} lacks {key!r}")
+    name = e["name"]
+    if not isinstance(name, str) or name != _norm(name) or not name:
+        raise _fail(path, f"{where} name {name!r} must be a non-empty lower-case name with single spaces")
+    index = e["index"]
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise _fail(path, f"class {name!r} has a non-integer index {index!r}")
+    if e["kind"] not in ("organ", "tumor"):
+        raise _fail(path, f"class {name!r} has kind {e['kind']!r} (expected 'organ' or 'tumor')")
+    color = e["color"]
+    if (
+        not isinstance(color, list)
+        or len(color) != 3
+        or not all(isinstance(v, int) and 0 <= v <= 255 for v in color)
+    ):
+        raise _fail(path, f"class {name!r} colour {color!r} must be three ints 0-255")
+    side = e.get("side")
+    if side not in (None, "right", "left"):
+        raise _fail(path, f"class {name!r} has side {side!r}")
+    aliases = tuple(_norm(a) for a in (*e.get("aliases", []), *e.get("legacy_aliases", [])))
+    return ClassInfo(
+        index=index,
+        name=name,
+        aliases=aliases,
+        prompt_name=str(e["prompt_name"]),
+        color=tuple(color),  # type: ignore[arg-type]
+        kind=e["kind"],
+        parent=tuple(e.get("parent") or ()),
+        paired=e.get("paired"),
+        side=side,
+        official_prompt=str(e.get("official_prompt", e["prompt_name"])),
+    )
+
+
+def _check_class_relations(path: Path, c: ClassInfo, by_name: Mapping[str, ClassInfo]) -> None:
+    """A class's parent organs and its left/right partner exist and agree with it."""
+    for p in c.parent:
+        if p not in by_name:
+            raise _fail(path, f"class {c.name!r} has an unknown parent {p!r}")
+        if by_name[p].kind != "organ":
+            raise _fail(path, f"class {c.name!r} has a parent {p!r} that is not an organ")
+    if c.kind == "tumor" and not c.parent:
+        raise _fail(path, f"tumour class {c.name!r} needs a parent organ")
+    if c.kind == "organ" and c.parent:
+        raise _fail(path, f"organ class {c.name!r} must not have a parent")
+    if c.paired is not None:
+        other = by_name.get(c.paired)
+        if other is None:
+            raise _fail(path, f"class {c.name!r} is paired with an unknown class {c.paired!r}")
+        if other.paired != c.name:
+            raise _fail(path, f"classes {c.name!r} and {c.paired!r} are not paired with each other")
+        if c.side is None or other.side is None or c.side == other.side:
+            raise _fail(path, f"paired classes {c.name!r} and {c.paired!r} need opposite sides")
 
 
 def _build_lookup(path: Path, classes: tuple[ClassInfo, ...]) -> dict[str, ClassInfo]:
@@ -396,80 +402,7 @@ def _parse_datasets(
     datasets: dict[str, DatasetLabelMap] = {}
     lookup: dict[str, str] = {}
     for dname, e in raw.items():
-        where = f"dataset {dname!r}"
-        if not isinstance(e, dict):
-            raise _fail(path, f"{where} must be an object")
-        labels_raw = _int_keys(path, f"{where} labels", e.get("labels"))
-        if not labels_raw:
-            raise _fail(path, f"{where} has no labels")
-        if 0 in labels_raw:
-            raise _fail(path, f"{where} maps label 0 (background)")
-        labels = {
-            v: _check_class_list(path, f"{where} label {v}", cls, by_name)
-            for v, cls in sorted(labels_raw.items())
-        }
-        split: dict[int, tuple[str, str]] = {}
-        for v, pair in sorted(_int_keys(path, f"{where} split_lr", e.get("split_lr", {})).items()):
-            pair = _check_class_list(path, f"{where} split_lr {v}", pair, by_name)
-            if v not in labels:
-                raise _fail(path, f"{where} split_lr value {v} is not in its labels")
-            if len(pair) != 2:
-                raise _fail(path, f"{where} split_lr {v} must be [right class, left class]")
-            right, left = (by_name[n] for n in pair)
-            if right.paired != left.name or right.side != "right" or left.side != "left":
-                raise _fail(path, f"{where} split_lr {v} must be a [right, left] pair, got {list(pair)}")
-            if set(pair) & set(labels[v]):
-                raise _fail(path, f"{where} label {v} lists a class that it also splits")
-            split[v] = (pair[0], pair[1])
-        for v, cls in labels.items():
-            if not cls and v not in split:
-                raise _fail(path, f"{where} label {v} maps to no class (list it under 'unmapped' instead)")
-        derived = {n for cls in labels.values() for n in cls} | {n for p in split.values() for n in p}
-        annotated = _check_class_list(path, f"{where} annotated", e.get("annotated"), by_name)
-        if set(annotated) != derived:
-            missing = sorted(derived - set(annotated))
-            extra = sorted(set(annotated) - derived)
-            raise _fail(
-                path,
-                f"{where} 'annotated' disagrees with its labels (not claimed: {missing}; claimed, unused: {extra})",
-            )
-        # one-vs-all: a tumour label also sets its parent organ whenever the dataset annotates that organ
-        for v, cls in labels.items():
-            targets = set(cls) | set(split.get(v, ()))
-            for n in cls:
-                info = by_name[n]
-                if info.kind != "tumor":
-                    continue
-                annotated_parents = [p for p in info.parent if p in derived]
-                if annotated_parents and not targets & set(info.parent):
-                    raise _fail(
-                        path,
-                        f"{where} label {v} ({n}) must also set its annotated parent organ "
-                        f"({' or '.join(annotated_parents)}): masks are one-vs-all",
-                    )
-        source_names = {
-            k: str(s) for k, s in _int_keys(path, f"{where} source_names", e.get("source_names", {})).items()
-        }
-        unmapped = {k: str(s) for k, s in _int_keys(path, f"{where} unmapped", e.get("unmapped", {})).items()}
-        if set(unmapped) & set(labels):
-            raise _fail(path, f"{where} lists values both as mapped and unmapped")
-        highest = max((*labels, *unmapped, *source_names))
-        max_label = e.get("max_label", highest)
-        if not isinstance(max_label, int) or isinstance(max_label, bool) or max_label < highest:
-            raise _fail(path, f"{where} max_label must be an integer >= {highest}")
-        order = {n: by_name[n].index for n in annotated}
-        dlm = DatasetLabelMap(
-            name=dname,
-            full_name=str(e.get("full_name", dname)),
-            labels=MappingProxyType(labels),
-            split_lr=MappingProxyType(split),
-            annotated=tuple(sorted(annotated, key=order.__getitem__)),
-            source_names=MappingProxyType(dict(sorted(source_names.items()))),
-            unmapped=MappingProxyType(dict(sorted(unmapped.items()))),
-            aliases=tuple(e.get("aliases", [])),
-            notes=str(e.get("notes", "")),
-            max_label=max_label,
-        )
+        dlm = _parse_dataset(path, dname, e, by_name)
         datasets[dname] = dlm
         for key in (dname, *dlm.aliases):
             k = _norm_dataset(key)
@@ -477,6 +410,102 @@ def _parse_datasets(
                 raise _fail(path, f"the dataset name/alias {key!r} is used by {lookup[k]!r} and {dname!r}")
             lookup[k] = dname
     return datasets, lookup
+
+
+def _parse_dataset(path: Path, dname: str, e: Any, by_name: Mapping[str, ClassInfo]) -> DatasetLabelMap:
+    """One validated entry of the taxonomy's ``datasets`` object."""
+    where = f"dataset {dname!r}"
+    if not isinstance(e, dict):
+        raise _fail(path, f"{where} must be an object")
+    labels_raw = _int_keys(path, f"{where} labels", e.get("labels"))
+    if not labels_raw:
+        raise _fail(path, f"{where} has no labels")
+    if 0 in labels_raw:
+        raise _fail(path, f"{where} maps label 0 (background)")
+    labels = {
+        v: _check_class_list(path, f"{where} label {v}", cls, by_name)
+        for v, cls in sorted(labels_raw.items())
+    }
+    split = _parse_split_lr(path, where, e.get("split_lr", {}), labels, by_name)
+    for v, cls in labels.items():
+        if not cls and v not in split:
+            raise _fail(path, f"{where} label {v} maps to no class (list it under 'unmapped' instead)")
+    annotated = _check_annotated(path, where, e.get("annotated"), labels, split, by_name)
+    source_names = {
+        k: str(s) for k, s in _int_keys(path, f"{where} source_names", e.get("source_names", {})).items()
+    }
+    unmapped = {k: str(s) for k, s in _int_keys(path, f"{where} unmapped", e.get("unmapped", {})).items()}
+    if set(unmapped) & set(labels):
+        raise _fail(path, f"{where} lists values both as mapped and unmapped")
+    highest = max((*labels, *unmapped, *source_names))
+    max_label = e.get("max_label", highest)
+    if not isinstance(max_label, int) or isinstance(max_label, bool) or max_label < highest:
+        raise _fail(path, f"{where} max_label must be an integer >= {highest}")
+    return DatasetLabelMap(
+        name=dname,
+        full_name=str(e.get("full_name", dname)),
+        labels=MappingProxyType(labels),
+        split_lr=MappingProxyType(split),
+        annotated=tuple(sorted(annotated, key=lambda n: by_name[n].index)),
+        source_names=MappingProxyType(dict(sorted(source_names.items()))),
+        unmapped=MappingProxyType(dict(sorted(unmapped.items()))),
+        aliases=tuple(e.get("aliases", [])),
+        notes=str(e.get("notes", "")),
+        max_label=max_label,
+    )
+
+
+def _parse_split_lr(
+    path: Path, where: str, raw: Any, labels: Mapping[int, tuple[str, ...]], by_name: Mapping[str, ClassInfo]
+) -> dict[int, tuple[str, str]]:
+    """A dataset's ``split_lr``: source value → (right class, left class) of a paired structure."""
+    split: dict[int, tuple[str, str]] = {}
+    for v, pair in sorted(_int_keys(path, f"{where} split_lr", raw).items()):
+        pair = _check_class_list(path, f"{where} split_lr {v}", pair, by_name)
+        if v not in labels:
+            raise _fail(path, f"{where} split_lr value {v} is not in its labels")
+        if len(pair) != 2:
+            raise _fail(path, f"{where} split_lr {v} must be [right class, left class]")
+        right, left = (by_name[n] for n in pair)
+        if right.paired != left.name or right.side != "right" or left.side != "left":
+            raise _fail(path, f"{where} split_lr {v} must be a [right, left] pair, got {list(pair)}")
+        if set(pair) & set(labels[v]):
+            raise _fail(path, f"{where} label {v} lists a class that it also splits")
+        split[v] = (pair[0], pair[1])
+    return split
+
+
+def _check_annotated(
+    path: Path,
+    where: str,
+    raw: Any,
+    labels: Mapping[int, tuple[str, ...]],
+    split: Mapping[int, tuple[str, str]],
+    by_name: Mapping[str, ClassInfo],
+) -> tuple[str, ...]:
+    """A dataset's ``annotated`` list, checked against its labels (and their one-vs-all parents)."""
+    derived = {n for cls in labels.values() for n in cls} | {n for p in split.values() for n in p}
+    annotated = _check_class_list(path, f"{where} annotated", raw, by_name)
+    if set(annotated) != derived:
+        missing = sorted(derived - set(annotated))
+        extra = sorted(set(annotated) - derived)
+        raise _fail(
+            path,
+            f"{where} 'annotated' disagrees with its labels (not claimed: {missing}; claimed, unused: {extra})",
+        )
+    # one-vs-all: a tumour label also sets its parent organ whenever the dataset annotates that organ
+    for v, cls in labels.items():
+        targets = set(cls) | set(split.get(v, ()))
+        for n in cls:
+            info = by_name[n]
+            annotated_parents = [p for p in info.parent if p in derived]
+            if info.kind == "tumor" and annotated_parents and not targets & set(info.parent):
+                raise _fail(
+                    path,
+                    f"{where} label {v} ({n}) must also set its annotated parent organ "
+                    f"({' or '.join(annotated_parents)}): masks are one-vs-all",
+                )
+    return annotated
 
 
 @functools.cache
@@ -665,14 +694,20 @@ def dataset(name: str | DatasetLabelMap) -> DatasetLabelMap:
 # label transfer
 
 
-def _world_x(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
-    """World x (mm) of voxel coordinates ``ijk`` (N, 3)."""
+def world_x_mm(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    """World (RAS+) x in mm of voxel coordinates ``ijk`` (N, 3) under the (4, 4) voxel → RAS+ ``affine``.
+
+    Larger x is the patient's right. The one place that decides sides from the affine (labels and post-processing).
+
+    >>> world_x_mm(np.diag([-2.0, 1.0, 1.0, 1.0]), np.array([[0.0, 0, 0], [3, 0, 0]])).tolist()
+    [0.0, -6.0]
+    """
     return ijk @ affine[0, :3] + affine[0, 3]
 
 
 def _image_mid_x(affine: np.ndarray, shape: tuple[int, ...]) -> float:
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape[:3]], indexing="ij")).reshape(3, -1).T
-    xs = _world_x(affine, corners.astype(float))
+    xs = world_x_mm(affine, corners.astype(float))
     return float((xs.min() + xs.max()) / 2)
 
 
@@ -699,7 +734,7 @@ def _split_sides(
     idx = np.arange(1, n + 1)
     sizes = np.asarray(ndimage.sum_labels(struct, comps, idx), dtype=float)
     centroids = np.asarray(ndimage.center_of_mass(struct, comps, idx), dtype=float).reshape(n, 3)
-    cx = _world_x(affine, centroids)
+    cx = world_x_mm(affine, centroids)
     midline = float(np.average(cx, weights=sizes)) if n >= 2 else _image_mid_x(affine, label.shape)
     is_right = cx > midline
 
@@ -755,19 +790,7 @@ def transfer_labels(
     [1, 1, 0]
     """
     dlm = dataset(label_map)
-    label = np.asarray(label)
-    if label.ndim != 3:
-        raise InputError(f"transfer_labels expects a 3-D label map (X, Y, Z), got shape {label.shape}.")
-    if not np.issubdtype(label.dtype, np.integer):
-        if label.dtype == bool:
-            label = label.astype(np.uint8)
-        else:
-            rounded = np.rint(label)
-            if not np.allclose(rounded, label):
-                raise InputError(
-                    "The label map has non-integer values; give the dataset's integer label file."
-                )
-            label = rounded.astype(np.int64)
+    label = _integer_labels(label)
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
     if affine.shape != (4, 4):
         raise InputError(f"affine must be a (4, 4) matrix, got shape {affine.shape}.")
@@ -775,8 +798,7 @@ def transfer_labels(
     pos = {c.name: i for i, c in enumerate(wanted)}
     out = np.zeros((len(wanted), *label.shape), dtype=bool)
 
-    present = np.unique(label)
-    present_set = {int(v) for v in present}
+    present_set = {int(v) for v in np.unique(label)}
     unknown = sorted(
         v for v in present_set - set(dlm.labels) - set(dlm.unmapped) if v < 0 or v > dlm.max_label
     )
@@ -787,15 +809,41 @@ def transfer_labels(
             UserWarning,
             stacklevel=2,
         )
-
     for c in wanted:
         values = [v for v, cls in dlm.labels.items() if c.name in cls and v in present_set]
         if values:
             out[pos[c.name]] = np.isin(label, values)
+    _transfer_split_values(out, pos, label, dlm, present_set, affine)
+    return out
 
+
+def _integer_labels(label: Any) -> np.ndarray:
+    """``label`` as a 3-D integer array (bool → uint8, integral floats → int64), else an :class:`InputError`."""
+    label = np.asarray(label)
+    if label.ndim != 3:
+        raise InputError(f"transfer_labels expects a 3-D label map (X, Y, Z), got shape {label.shape}.")
+    if np.issubdtype(label.dtype, np.integer):
+        return label
+    if label.dtype == bool:
+        return label.astype(np.uint8)
+    rounded = np.rint(label)
+    if not np.allclose(rounded, label):
+        raise InputError("The label map has non-integer values; give the dataset's integer label file.")
+    return rounded.astype(np.int64)
+
+
+def _transfer_split_values(
+    out: np.ndarray,
+    pos: Mapping[str, int],
+    label: np.ndarray,
+    dlm: DatasetLabelMap,
+    present: set[int],
+    affine: np.ndarray,
+) -> None:
+    """Add the right/left halves of the ``split_lr`` values present in ``label`` to the rows of ``out`` (in place)."""
     groups: dict[tuple[str, str], list[int]] = {}
     for v, pair in dlm.split_lr.items():
-        if v in present_set:
+        if v in present:
             groups.setdefault(pair, []).append(v)
     for pair, values in groups.items():
         if pair[0] not in pos and pair[1] not in pos:
@@ -806,7 +854,6 @@ def transfer_labels(
             out[pos[pair[0]]] |= right
         if pair[1] in pos:
             out[pos[pair[1]]] |= left
-    return out
 
 
 def masks_to_label_map(

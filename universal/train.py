@@ -7,79 +7,33 @@ CSV (and, when installed, TensorBoard) logs with validation DSC per class. The s
 with DistributedDataParallel (NCCL on GPUs, gloo on CPUs; detected from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``):
 every rank draws its own share of each step's patches, and only rank 0 writes files.
 
-Config (YAML or TOML; relative paths are relative to the config file's folder; every key has a default except
-``data.train``)::
+The config (a mapping, or a YAML/TOML file whose relative paths are relative to its folder) is a
+:class:`TrainConfig` of six typed, frozen sections: :class:`ModelSection`, :class:`DataSection`,
+:class:`LossSection`, :class:`OptimSection`, :class:`TrainSection`, :class:`SynthesisSection`. Each key declares its
+default, what it allows and a one-line help in one schema (the fields below); ``docs/CONFIG.md`` is generated from
+it (``python -m universal.train --doc``), and :func:`resolve_config` (also behind ``universal train --set``) checks
+a whole config against it before any work, listing every problem with the key, the value and what is allowed::
 
-    model:
-      backbone: segresnet        # a name from universal.model.list_models()
-      classes: null              # universal class names; null = all 32
-      encoder: minilm            # text encoder (minilm, clip, table:FILE, onehot, auto)
-      template: ct               # prompt template key or text with {}
-      kwargs: {}                 # backbone arguments, e.g. {init_filters: 8}
-      init: null                 # checkpoint whose weights start the run (fine-tuning)
-    data:
-      train: train.json          # manifest (or a list of manifests) of labeled cases
-      val: null                  # manifest of held-out labeled cases for validation DSC
-      spacing_mm: 1.5            # training grid (one number or three); recorded in the checkpoint
-      window_hu: [-175, 250]     # HU window → [0, 1]; recorded in the checkpoint
-      crop_foreground: true      # crop to the body like inference does
-      patch_size: [96, 96, 96]   # multiple of the backbone's size divisor
-      samples_per_case: 2        # consecutive patches from one case visit
-      pos_neg_ratio: [1, 1]      # foreground- vs background-centred patches
-      cache: true                # keep preprocessed cases in memory (false: re-read per visit)
-      validate_labels: true      # read every label file before training and check its values
-      augment: {flip_lr: 0.0, flip_ap: 0.0, flip_si: 0.0, intensity_prob: 0.5,
-                intensity_scale: 0.1, intensity_shift: 0.1}
-      phantom: null              # {n_cases, shape, spacing, label_sets, seed, unlabeled, val_cases}: write a
-                                 # synthetic dataset at data.train (and data.val) when the manifest is missing
-    loss:
-      dice_weight: 1.0
-      bce_weight: 1.0
-      dice_on_empty: true        # false: Dice only over annotated pairs with a non-empty target (BCE over all)
-    optim:
-      name: adamw                # adamw | novograd
-      lr: 1.0e-4
-      weight_decay: 1.0e-5
-      betas: [0.9, 0.999]
-      warmup_steps: 100          # linear warm-up from 0, then cosine decay to min_lr_ratio * lr
-      min_lr_ratio: 0.0
-      grad_clip: null            # max gradient norm, or null
-    train:
-      steps: 1000
-      time_budget_s: null        # wall-clock budget of the training loop (seconds): the schedule follows
-                                 # max(step / steps, elapsed / budget) and the run ends when either is used up
-      batch_size: 2              # per rank
-      amp: auto                  # auto (= on CUDA only) | true | false
-      amp_dtype: float16         # float16 | bfloat16
-      seed: 0
-      val_every: 0               # steps between validations (0: only at the end, when data.val is set)
-      ckpt_every: 500            # steps between checkpoints (0: only at the end)
-      log_every: 1               # steps between CSV log rows
-      out_dir: runs/universal
-      device: null               # null = cuda if available else cpu
-      num_workers: 0             # DataLoader worker processes
-      resume: auto               # auto (resume from out_dir if a checkpoint is there) | true | false | path
-      deterministic: true        # torch.use_deterministic_algorithms (warn only)
-      progress: true             # tqdm progress bar
-      tensorboard: auto          # auto (when importable) | true | false
-      find_unused_parameters: false
-    synthesis:
-      hook: null                 # "package.module:function" or a name registered with register_synthesis
-      prob: 1.0                  # probability of applying it to a patch
-      kwargs: {}
+    >>> resolve_config({"data": {"train": "train.json"}, "optim": {"lr": -1e-3}})
+    Traceback (most recent call last):
+    ...
+    universal.errors.InputError: training config: optim.lr is -0.001; it must be a number > 0
 
-Outputs in ``out_dir``: ``model.pt`` (the final model: classes, encoder, template and preprocessing ride along, so
-``universal segment --weights model.pt`` needs nothing else), ``checkpoints/last.pt`` + ``checkpoints/last.state.pt``
-(optimizer, scheduler, AMP scaler, step and RNG states), ``train_log.csv``, ``val_log.csv``, ``config.json``.
+Outputs in ``out_dir``: ``model.pt`` (the final model; its :class:`~universal.spec.ModelSpec` carries classes,
+encoder, template, preprocessing, the training window and provenance, so ``universal segment --weights model.pt``
+needs nothing else), ``checkpoints/last.pt`` + ``checkpoints/last.state.pt`` (optimizer, AMP scaler, step, schedule
+position, elapsed time and RNG states), ``train_log.csv``, ``val_log.csv``, ``config.json`` (the resolved config).
 
-Resume equals uninterrupted training: every patch is a pure function of ``(seed, sample index)``, the schedule of
-the step, and the checkpoint restores the optimizer, scheduler, scaler and RNG states.
+Resume equals uninterrupted training: every patch is a pure function of ``(seed, sample index)``, the learning rate
+a pure function of the schedule position (:func:`lr_factor`), and the checkpoint restores the optimizer, scaler and
+RNG states.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import importlib
 import json
 import math
@@ -96,8 +50,15 @@ import numpy as np
 from universal.errors import CheckpointError, InputError
 
 __all__ = [
-    "DEFAULT_CONFIG",
+    "DataSection",
+    "LossSection",
+    "ModelSection",
+    "OptimSection",
+    "SynthesisSection",
+    "TrainConfig",
     "TrainResult",
+    "TrainSection",
+    "config_doc",
     "load_config",
     "lr_factor",
     "register_synthesis",
@@ -106,78 +67,409 @@ __all__ = [
     "validate_prepared",
 ]
 
-DEFAULT_CONFIG: dict[str, dict[str, Any]] = {
-    "model": {
-        "backbone": "segresnet",
-        "classes": None,
-        "encoder": "minilm",
-        "template": "ct",
-        "kwargs": {},
-        "init": None,
-    },
-    "data": {
-        "train": None,
-        "val": None,
-        "spacing_mm": 1.5,
-        "window_hu": [-175.0, 250.0],
-        "crop_foreground": True,
-        "patch_size": [96, 96, 96],
-        "samples_per_case": 2,
-        "pos_neg_ratio": [1.0, 1.0],
-        "cache": True,
-        "validate_labels": True,
-        "augment": {},
-        "phantom": None,
-    },
-    "loss": {"dice_weight": 1.0, "bce_weight": 1.0, "dice_on_empty": True},
-    "optim": {
-        "name": "adamw",
-        "lr": 1e-4,
-        "weight_decay": 1e-5,
-        "betas": [0.9, 0.999],
-        "warmup_steps": 100,
-        "min_lr_ratio": 0.0,
-        "grad_clip": None,
-    },
-    "train": {
-        "steps": 1000,
-        "time_budget_s": None,
-        "batch_size": 2,
-        "amp": "auto",
-        "amp_dtype": "float16",
-        "seed": 0,
-        "val_every": 0,
-        "ckpt_every": 500,
-        "log_every": 1,
-        "out_dir": "runs/universal",
-        "device": None,
-        "num_workers": 0,
-        "resume": "auto",
-        "deterministic": True,
-        "progress": True,
-        "tensorboard": "auto",
-        "find_unused_parameters": False,
-    },
-    "synthesis": {"hook": None, "prob": 1.0, "kwargs": {}},
+
+# ------------------------------------------------------------------------------------------------ config rules
+@dataclass(frozen=True)
+class _Rule:
+    """What one config key allows: ``allowed`` in words (errors, docs) and ``convert`` (raises on a bad value)."""
+
+    allowed: str
+    convert: Callable[[Any], Any]
+
+
+def _show(value: Any, quote: bool = True) -> str:
+    """A value as a config file spells it (``null``, ``true``, lists in brackets; text quoted when ``quote``)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, str):
+        return repr(value) if quote else value
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_show(v, quote) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {_show(v, quote)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _real(value: Any) -> float:
+    """A finite number (not text: configs are read with :func:`_yaml_load`, where ``1e-3`` is a number)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(value)
+    return number
+
+
+def _whole(value: Any) -> int:
+    number = _real(value)
+    if number != int(number):
+        raise ValueError(value)
+    return int(number)
+
+
+def _number(low=None, high=None, *, above=False, below=False, integer=False) -> _Rule:
+    """A number (``integer``: a whole one) >= ``low`` (> with ``above``) and <= ``high`` (< with ``below``)."""
+    noun = "an integer" if integer else "a number"
+    if low is not None and high is not None:
+        allowed = f"{noun} in {'(' if above else '['}{low:g}, {high:g}{')' if below else ']'}"
+    else:
+        allowed = noun if low is None else f"{noun} {'>' if above else '>='} {low:g}"
+
+    def convert(value: Any) -> float | int:
+        x = (_whole if integer else _real)(value)
+        if (low is not None and (x <= low if above else x < low)) or (
+            high is not None and (x >= high if below else x > high)
+        ):
+            raise ValueError(value)
+        return x
+
+    return _Rule(allowed, convert)
+
+
+def _optional(rule: _Rule, null: str = "null") -> _Rule:
+    return _Rule(f"{rule.allowed}, or {null}", lambda v: None if v is None else rule.convert(v))
+
+
+def _choice(*choices: str | bool) -> _Rule:
+    """One of ``choices`` (text compared case-insensitively; ``true``/``false`` also as text)."""
+
+    def convert(value: Any) -> str | bool:
+        for c in choices:
+            if isinstance(value, bool) and value is c:
+                return c
+            if isinstance(value, str) and value.strip().lower() == _show(c, quote=False):
+                return c
+        raise ValueError(value)
+
+    return _Rule("one of " + ", ".join(_show(c, quote=False) for c in choices), convert)
+
+
+def _flag_value(value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(value)
+    return bool(value)
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError(value)
+    return value
+
+
+def _items(value: Any, n: int | None = None) -> list[Any]:
+    if not isinstance(value, (list, tuple)) or (n is not None and len(value) != n) or not value:
+        raise ValueError(value)
+    return list(value)
+
+
+def _several(rule: _Rule, n: int, allowed: str, check: Callable[..., bool] = lambda *v: True) -> _Rule:
+    """``n`` values of ``rule`` (a tuple) that pass ``check``; with ``n == 3`` a single value stands for all three."""
+
+    def convert(value: Any) -> tuple:
+        values = [value] * 3 if n == 3 and not isinstance(value, (list, tuple)) else _items(value, n)
+        out = tuple(rule.convert(v) for v in values)
+        if not check(*out):
+            raise ValueError(value)
+        return out
+
+    return _Rule(allowed, convert)
+
+
+def _mapping(allowed: str = "a mapping", check: Callable[[dict], Any] | None = None) -> _Rule:
+    """A mapping (``null`` = empty), deep-copied; ``check`` may refuse it (an ``InputError`` says why)."""
+
+    def convert(value: Any) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise TypeError(value)
+        out = copy.deepcopy(dict(value))
+        if check is not None:
+            check(out)
+        return out
+
+    return _Rule(allowed, convert)
+
+
+def _check_augment(values: dict) -> None:
+    from universal.data import AugmentConfig
+
+    AugmentConfig.from_dict(values)
+
+
+_PHANTOM_KEYS = ("n_cases", "shape", "spacing", "label_sets", "seed", "unlabeled", "val_cases")
+
+
+def _check_phantom(values: dict) -> None:
+    unknown = sorted(set(values) - set(_PHANTOM_KEYS))
+    if unknown:
+        raise InputError(f"unknown keys {unknown}")
+
+
+def _resume_value(value: Any) -> str | bool:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    text = _text_value(value)
+    return {"auto": "auto", "true": True, "false": False, "none": False}.get(text.strip().lower(), text)
+
+
+_TEXT = _Rule("a non-empty string", _text_value)
+_FLAG = _Rule("true or false", _flag_value)
+_PATHS = _Rule(
+    "a path or a list of paths",
+    lambda v: tuple(_text_value(p) for p in _items(v)) if isinstance(v, (list, tuple)) else (_text_value(v),),
+)
+_NAMES = _Rule(
+    "a list of universal class names",
+    lambda v: tuple(_text_value(c) for c in _items(v)) if isinstance(v, (list, tuple)) else (_text_value(v),),
+)
+
+
+def _key(default: Any, rule: _Rule, help: str, *, path: bool = False, required: bool = False) -> Any:
+    """A config key: its default, its rule, one line of help; ``path``: relative to the config file's folder."""
+    meta = {"rule": rule, "help": help, "path": path, "required": required}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _config_error(problems: Sequence[str]) -> InputError:
+    """One error for all ``problems`` (one sentence each: key, value, what is allowed); they ride along as
+    ``.problems`` so that :func:`resolve_config` can gather those of every section."""
+    problems = list(problems)
+    if len(problems) == 1:
+        text = f"training config: {problems[0]}"
+    else:
+        text = f"training config has {len(problems)} problems:\n  - " + "\n  - ".join(problems)
+    error = InputError(text)
+    error.problems = problems  # type: ignore[attr-defined]
+    return error
+
+
+class _Section:
+    """Base of the config sections: every key is checked and converted to its type where it enters."""
+
+    _name = ""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for f in dataclasses.fields(self):
+            value, rule = getattr(self, f.name), f.metadata["rule"]
+            if f.metadata["required"] and value is None:
+                problems.append(f"{self._name}.{f.name} is required: {f.metadata['help']}")
+                continue
+            try:
+                object.__setattr__(self, f.name, rule.convert(value))
+            except (TypeError, ValueError) as exc:
+                why = f" ({exc})" if isinstance(exc, InputError) else ""
+                problems.append(f"{self._name}.{f.name} is {_show(value)}; it must be {rule.allowed}{why}")
+        if problems:
+            raise _config_error(problems)
+
+
+# ------------------------------------------------------------------------------------------------ config schema
+@dataclass(frozen=True)
+class ModelSection(_Section):
+    """``model``: the network and its class prompts."""
+
+    _name = "model"
+    backbone: str = _key("segresnet", _TEXT, "a name from universal.model.list_models()")
+    classes: tuple[str, ...] | None = _key(
+        None, _optional(_NAMES, "null (all 32)"), "classes the model predicts"
+    )
+    encoder: str = _key(
+        "minilm", _TEXT, "text encoder of the class prompts (minilm, clip, table:FILE, onehot, auto)"
+    )
+    template: str = _key("ct", _TEXT, "prompt template: a key (ct, photo, ...) or text with {}")
+    kwargs: dict[str, Any] = _key({}, _mapping(), "backbone arguments, e.g. {init_filters: 8}")
+    init: str | None = _key(
+        None, _optional(_TEXT), "checkpoint whose weights start the run (fine-tuning)", path=True
+    )
+
+
+@dataclass(frozen=True)
+class DataSection(_Section):
+    """``data``: the cases, their preprocessing (recorded in the checkpoint) and the patches drawn from them."""
+
+    _name = "data"
+    train: tuple[str, ...] | None = _key(
+        None, _PATHS, "manifest(s) of the labeled training cases", path=True, required=True
+    )
+    val: tuple[str, ...] | None = _key(
+        None, _optional(_PATHS), "manifest(s) of held-out labeled cases for validation DSC", path=True
+    )
+    spacing_mm: tuple[float, float, float] = _key(
+        (1.5, 1.5, 1.5),
+        _several(_number(0, above=True), 3, "one positive number of mm or three"),
+        "training grid spacing (mm); recorded in the checkpoint, inference resamples to it",
+    )
+    window_hu: tuple[float, float] = _key(
+        (-175.0, 250.0),
+        _several(_number(), 2, "[low, high] HU with high > low", lambda lo, hi: hi > lo),
+        "HU window scaled to [0, 1]; recorded in the checkpoint",
+    )
+    crop_foreground: bool = _key(
+        True, _FLAG, "crop to the body; recorded in the checkpoint (inference does the same)"
+    )
+    patch_size: tuple[int, int, int] = _key(
+        (96, 96, 96),
+        _several(_number(1, integer=True), 3, "one positive integer or three"),
+        "training patch = sliding-window size (voxels); a multiple of the backbone's size divisor",
+    )
+    samples_per_case: int = _key(2, _number(1, integer=True), "consecutive patches drawn from one case visit")
+    pos_neg_ratio: tuple[float, float] = _key(
+        (1.0, 1.0),
+        _several(_number(0), 2, "[positive, negative], numbers >= 0, not both 0", lambda p, n: p + n > 0),
+        "foreground- vs background-centred patches",
+    )
+    cache: bool = _key(True, _FLAG, "keep preprocessed cases in memory (false: re-read on each visit)")
+    validate_labels: bool = _key(True, _FLAG, "read every label file before training and check its values")
+    augment: dict[str, float] = _key(
+        {},
+        _mapping("a mapping of universal.data.AugmentConfig fields", _check_augment),
+        "flip_lr, flip_ap, flip_si, intensity_prob, intensity_scale, intensity_shift (universal.data.AugmentConfig)",
+    )
+    phantom: dict[str, Any] | None = _key(
+        None,
+        _optional(_mapping("a mapping of " + ", ".join(_PHANTOM_KEYS), _check_phantom)),
+        "write a synthetic dataset at data.train (and val_cases at data.val) when the manifest is missing",
+    )
+
+
+@dataclass(frozen=True)
+class LossSection(_Section):
+    """``loss``: masked BCE + Dice over the (case, class) pairs each case's dataset annotates."""
+
+    _name = "loss"
+    dice_weight: float = _key(1.0, _number(0), "weight of the Dice term")
+    bce_weight: float = _key(1.0, _number(0), "weight of the BCE term")
+    dice_on_empty: bool = _key(True, _FLAG, "false: Dice only over annotated pairs with a non-empty target")
+
+
+@dataclass(frozen=True)
+class OptimSection(_Section):
+    """``optim``: optimizer and learning-rate schedule (linear warm-up, then cosine decay)."""
+
+    _name = "optim"
+    name: str = _key("adamw", _choice("adamw", "novograd"), "the optimizer")
+    lr: float = _key(1e-4, _number(0, above=True), "peak learning rate")
+    weight_decay: float = _key(1e-5, _number(0), "weight decay")
+    betas: tuple[float, float] = _key(
+        (0.9, 0.999), _several(_number(0, 1, below=True), 2, "two numbers in [0, 1)"), "Adam betas"
+    )
+    warmup_steps: int = _key(100, _number(0, integer=True), "linear warm-up from 0 over this many steps")
+    min_lr_ratio: float = _key(0.0, _number(0, 1), "the cosine decays to min_lr_ratio * lr")
+    grad_clip: float | None = _key(None, _optional(_number(0, above=True)), "max gradient norm, or null")
+
+
+@dataclass(frozen=True)
+class TrainSection(_Section):
+    """``train``: length, batches, precision, checkpoints, logs and where they go."""
+
+    _name = "train"
+    steps: int = _key(
+        1000, _number(1, integer=True), "optimisation steps (an upper bound with time_budget_s)"
+    )
+    time_budget_s: float | None = _key(
+        None,
+        _optional(_number(0, above=True)),
+        "seconds of training loop: the schedule follows max(step/steps, elapsed/budget), the run ends at either",
+    )
+    batch_size: int = _key(2, _number(1, integer=True), "patches per step and rank")
+    amp: str | bool = _key("auto", _choice("auto", True, False), "mixed precision (auto: on CUDA only)")
+    amp_dtype: str = _key("float16", _choice("float16", "bfloat16"), "autocast dtype of mixed precision")
+    seed: int = _key(0, _number(0, integer=True), "seed of the weights and of every patch")
+    val_every: int = _key(0, _number(0, integer=True), "steps between validations (0: only at the end)")
+    ckpt_every: int = _key(500, _number(0, integer=True), "steps between checkpoints (0: only at the end)")
+    log_every: int = _key(1, _number(1, integer=True), "steps between CSV log rows")
+    out_dir: str = _key("runs/universal", _TEXT, "the run folder", path=True)
+    device: str | None = _key(None, _optional(_TEXT, "null (cuda when available)"), "cpu, cuda or cuda:N")
+    num_workers: int = _key(0, _number(0, integer=True), "DataLoader worker processes")
+    resume: str | bool = _key(
+        "auto",
+        _Rule("auto, true, false or the path of a training checkpoint", _resume_value),
+        "auto: continue from out_dir/checkpoints/last.pt when it exists",
+        path=True,
+    )
+    deterministic: bool = _key(
+        True, _FLAG, "torch.use_deterministic_algorithms (warn only); false: cuDNN benchmark"
+    )
+    progress: bool = _key(True, _FLAG, "tqdm progress bar")
+    tensorboard: str | bool = _key(
+        "auto", _choice("auto", True, False), "TensorBoard logs (auto: when importable)"
+    )
+    find_unused_parameters: bool = _key(False, _FLAG, "DistributedDataParallel's find_unused_parameters")
+
+
+@dataclass(frozen=True)
+class SynthesisSection(_Section):
+    """``synthesis``: an optional hook that edits training patches (e.g. draws synthetic tumours)."""
+
+    _name = "synthesis"
+    hook: str | None = _key(
+        None, _optional(_TEXT), "'package.module:function' or a name registered with register_synthesis"
+    )
+    prob: float = _key(1.0, _number(0, 1), "probability of applying the hook to a patch")
+    kwargs: dict[str, Any] = _key({}, _mapping(), "keyword arguments of the hook")
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelSection,
+    "data": DataSection,
+    "loss": LossSection,
+    "optim": OptimSection,
+    "train": TrainSection,
+    "synthesis": SynthesisSection,
 }
 
-# config keys holding paths (resolved relative to the config file by load_config)
-_PATH_KEYS = (
-    ("data", "train"),
-    ("data", "val"),
-    ("train", "out_dir"),
-    ("train", "resume"),
-    ("model", "init"),
+# config keys holding paths (relative to the config file in load_config, to the cwd in ``universal train --set``)
+_PATH_KEYS = tuple(
+    (s, f.name) for s, kind in _SECTIONS.items() for f in dataclasses.fields(kind) if f.metadata["path"]
 )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A checked training config: one typed, frozen section per part (see ``docs/CONFIG.md``).
+
+    Build it with :func:`resolve_config` (from a mapping or a file); ``to_dict()`` gives plain values (what
+    ``config.json`` holds), and ``resolve_config(cfg.to_dict()) == cfg``.
+    """
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    synthesis: SynthesisSection = field(default_factory=SynthesisSection)
+
+    def __post_init__(self) -> None:
+        for name, kind in _SECTIONS.items():
+            if not isinstance(getattr(self, name), kind):
+                raise InputError(f"TrainConfig.{name} must be a {kind.__name__}")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain values (str, int, float, bool, None, lists, dicts), section by section."""
+        return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in _SECTIONS}
 
 
 # ------------------------------------------------------------------------------------------------------- config
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) training config.
 
-    Relative paths (``data.train``, ``data.val``, ``train.out_dir``, ``train.resume``, ``model.init``, and
-    ``model.encoder`` of the form ``table:FILE``) become absolute, relative to the config file's folder. The
-    result is the raw dict (defaults are filled in by :func:`train`).
+    Relative paths (the keys marked *path* in ``docs/CONFIG.md``, and ``model.encoder`` of the form ``table:FILE``)
+    become absolute, relative to the config file's folder. The result is the raw dict; :func:`resolve_config`
+    checks it and fills in the defaults.
     """
     path = Path(path)
     if not path.is_file():
@@ -189,9 +481,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
 
             data = tomllib.loads(text)
         else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
+            data = _yaml_load(text) or {}
     except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
         raise InputError(
             f"config {path} cannot be parsed ({type(exc).__name__}: {exc}); fix its syntax"
@@ -199,25 +489,40 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"config {path} must be a mapping of sections (model, data, optim, train, ...)")
     root = path.resolve().parent
-    for section, key in _PATH_KEYS:
-        sec = data.get(section)
-        if not isinstance(sec, dict) or sec.get(key) in (None, ""):
-            continue
-        value = sec[key]
-        if (
-            section == "train"
-            and key == "resume"
-            and (isinstance(value, bool) or str(value).lower() in ("auto", "true", "false", "none"))
-        ):
-            continue
-        if isinstance(value, list):
-            sec[key] = [_abspath(root, v) for v in value]
-        else:
-            sec[key] = _abspath(root, value)
-    enc = (data.get("model") or {}).get("encoder")
-    if isinstance(enc, str) and enc.startswith("table:"):
-        data["model"]["encoder"] = "table:" + _abspath(root, enc[len("table:") :])
+    for section, values in data.items():
+        if isinstance(values, dict):
+            data[section] = {k: _absolutize(section, k, v, root) for k, v in values.items()}
     return data
+
+
+def _yaml_load(text: str) -> Any:
+    """YAML as the configs mean it: PyYAML's safe loader, but ``1e-3`` (no dot) is a number, not text."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    number = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", number, list("-+0123456789"))
+    return yaml.load(text, Loader=Loader)  # a SafeLoader: plain data only
+
+
+def _absolutize(section: str, key: str, value: Any, root: Path) -> Any:
+    """``value`` of ``section.key`` with a relative path (or list of them) made absolute against ``root``.
+
+    Keys that hold no path, empty values and the keywords of ``train.resume`` come back unchanged.
+    """
+    if (section, key) == ("model", "encoder") and isinstance(value, str) and value.startswith("table:"):
+        return "table:" + _abspath(root, value[len("table:") :])
+    if (section, key) not in _PATH_KEYS or value in (None, "") or isinstance(value, (bool, Mapping)):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("auto", "true", "false", "none"):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_abspath(root, v) for v in value]
+    return _abspath(root, value)
 
 
 def _abspath(root: Path, value: Any) -> str:
@@ -225,70 +530,67 @@ def _abspath(root: Path, value: Any) -> str:
     return str(p if p.is_absolute() else (root / p).resolve())
 
 
-def resolve_config(config: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
-    """The full config: ``config`` (a dict or a config file) over :data:`DEFAULT_CONFIG`, checked.
+def resolve_config(config: TrainConfig | Mapping[str, Any] | str | os.PathLike) -> TrainConfig:
+    """The checked :class:`TrainConfig` of ``config`` (a mapping of sections, a YAML/TOML file, or one already).
+
+    Every key takes its declared default unless given; given values are converted to the declared types
+    (``patch_size: 32`` → ``(32, 32, 32)``).
 
     Raises:
-        InputError: unknown sections or keys (listing the valid ones), a missing ``data.train``, bad values.
+        InputError: listing every problem at once, each naming the key, the value and what is allowed: unknown
+            sections or keys (with the valid ones), a missing ``data.train``, values of the wrong type or range.
     """
+    if isinstance(config, TrainConfig):
+        return config
     if not isinstance(config, Mapping):
         config = load_config(config)
-    cfg = copy.deepcopy(DEFAULT_CONFIG)
-    problems = []
-    for section, values in config.items():
-        if section not in cfg:
-            problems.append(f"unknown section {section!r} (valid: {', '.join(cfg)})")
-            continue
+    problems = [
+        f"unknown section {s!r} (valid: {', '.join(_SECTIONS)})" for s in config if s not in _SECTIONS
+    ]
+    sections = {}
+    for name, kind in _SECTIONS.items():
+        values = config.get(name)
         if values is None:
-            continue
+            values = {}
         if not isinstance(values, Mapping):
-            problems.append(f"section {section!r} must be a mapping of keys")
+            problems.append(f"section {name!r} is {_show(values)}; it must be a mapping of keys")
             continue
-        for key, value in values.items():
-            if key not in cfg[section]:
-                problems.append(f"unknown key {section}.{key} (valid: {', '.join(cfg[section])})")
-            else:
-                cfg[section][key] = copy.deepcopy(value)
-    d, t, o = cfg["data"], cfg["train"], cfg["optim"]
-    if not d["train"]:
-        problems.append("data.train is required: the manifest of labeled training cases")
-    if str(o["name"]).lower() not in ("adamw", "novograd"):
-        problems.append(f"optim.name {o['name']!r} is not supported (adamw or novograd)")
-    ps = d["patch_size"]
-    ps = [int(ps)] * 3 if isinstance(ps, (int, float)) else [int(v) for v in ps]
-    if len(ps) != 3 or min(ps) < 1:
-        problems.append(f"data.patch_size {d['patch_size']!r} must be one positive integer or three")
-    d["patch_size"] = ps
-    sp = d["spacing_mm"]
-    d["spacing_mm"] = [float(sp)] * 3 if isinstance(sp, (int, float)) else [float(v) for v in sp]
-    if len(d["spacing_mm"]) != 3 or min(d["spacing_mm"]) <= 0:
-        problems.append(f"data.spacing_mm {sp!r} must be one positive number or three")
-    d["window_hu"] = [float(v) for v in d["window_hu"]]
-    if len(d["window_hu"]) != 2 or not d["window_hu"][1] > d["window_hu"][0]:
-        problems.append(f"data.window_hu {d['window_hu']!r} must be [low, high] with high > low")
-    for key in ("steps", "batch_size"):
-        if int(t[key]) < 1:
-            problems.append(f"train.{key} must be at least 1")
-    if t["time_budget_s"] is not None:
+        known = [f.name for f in dataclasses.fields(kind)]
+        problems += [f"unknown key {name}.{k} (valid: {', '.join(known)})" for k in values if k not in known]
         try:
-            t["time_budget_s"] = float(t["time_budget_s"])
-            if not t["time_budget_s"] > 0:
-                raise ValueError
-        except (TypeError, ValueError):
-            problems.append(f"train.time_budget_s {t['time_budget_s']!r} must be a positive number of seconds or null")
-    if str(t["amp"]).lower() not in ("auto", "true", "false") and not isinstance(t["amp"], bool):
-        problems.append(f"train.amp {t['amp']!r} must be auto, true or false")
-    if str(t["amp_dtype"]) not in ("float16", "bfloat16"):
-        problems.append(f"train.amp_dtype {t['amp_dtype']!r} must be float16 or bfloat16")
-    try:
-        from universal.data import AugmentConfig
-
-        AugmentConfig.from_dict(d["augment"])
-    except InputError as exc:
-        problems.append(f"data.augment: {exc}")
+            sections[name] = kind(**{k: v for k, v in values.items() if k in known})
+        except InputError as exc:
+            problems += getattr(exc, "problems", [str(exc)])
     if problems:
-        raise InputError("training config has problem(s):\n  - " + "\n  - ".join(problems))
-    return cfg
+        raise _config_error(problems)
+    return TrainConfig(**sections)
+
+
+def config_doc() -> str:
+    """The text of ``docs/CONFIG.md``: every key of the schema with its default, what it allows and its help."""
+    lines = [
+        "# Training configuration",
+        "",
+        "<!-- Generated from the schema in universal/train.py by `python -m universal.train --doc > docs/CONFIG.md`;",
+        "     do not edit by hand (tests/test_train.py checks that this file equals the generated text). -->",
+        "",
+        "`universal train CONFIG` reads a YAML or TOML file of the sections below (examples: `configs/`);",
+        "`universal train CONFIG --set section.key=value` overrides one key (YAML value). Every key has a default",
+        "except `data.train`. Keys marked *path* are relative to the config file's folder (to the current folder",
+        "with `--set`). A wrong key or value is refused before any work, naming the key, the value and what is",
+        "allowed.",
+    ]
+    for name, kind in _SECTIONS.items():
+        summary = (kind.__doc__ or "").strip().removeprefix(f"``{name}``: ")
+        lines += ["", f"## `{name}`", "", summary[:1].upper() + summary[1:], ""]
+        lines += ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(kind):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            shown = "required" if f.metadata["required"] else f"`{_show(default, quote=False)}`"
+            allowed = f.metadata["rule"].allowed + ("; *path*" if f.metadata["path"] else "")
+            cells = (f"`{name}.{f.name}`", shown, allowed, f.metadata["help"])
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------------ results
@@ -334,8 +636,8 @@ def register_synthesis(name: str) -> Callable[[Callable[..., Any]], Callable[...
     return deco
 
 
-def _synthesis_hook(cfg: Mapping[str, Any]) -> Callable[..., Any] | None:
-    spec = cfg.get("hook")
+def _synthesis_hook(cfg: SynthesisSection) -> Callable[..., Any] | None:
+    spec = cfg.hook
     if not spec:
         return None
     if spec in _SYNTHESIS:
@@ -352,7 +654,7 @@ def _synthesis_hook(cfg: Mapping[str, Any]) -> Callable[..., Any] | None:
         raise InputError(
             f"synthesis.hook {spec!r} is neither registered ({', '.join(_SYNTHESIS) or 'none'}) nor 'module:function'"
         )
-    return _ProbHook(fn, float(cfg.get("prob", 1.0)), dict(cfg.get("kwargs") or {}))
+    return _ProbHook(fn, cfg.prob, dict(cfg.kwargs))
 
 
 class _ProbHook:
@@ -434,40 +736,23 @@ def _pick_device(spec: str | None, d: _Dist):
 
 
 # ----------------------------------------------------------------------------------------------- optimisation
-def _make_optimizer(params, o: Mapping[str, Any]):
+def _make_optimizer(params, o: OptimSection):
     import torch
 
-    name = str(o["name"]).lower()
-    lr, wd = float(o["lr"]), float(o["weight_decay"])
-    betas = tuple(float(b) for b in o["betas"])
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=betas)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
     from monai.optimizers import Novograd
 
-    return Novograd(params, lr=lr, weight_decay=wd, betas=betas)
+    return Novograd(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
-    """Learning-rate multiplier of step ``step`` (0-based): linear warm-up over ``warmup`` steps, then cosine
-    decay from 1 to ``min_ratio`` over the remaining steps.
+    """Learning-rate multiplier at schedule position ``step`` (0-based): linear warm-up over ``warmup`` steps, then
+    cosine decay from 1 to ``min_ratio`` over the remaining steps (``min_ratio`` from ``total`` on).
 
     >>> [round(lr_factor(s, 10, 2), 3) for s in (0, 1, 2, 6, 9)]
     [0.5, 1.0, 1.0, 0.5, 0.038]
     """
-    return _warmup_cosine(step, total, warmup, min_ratio)
-
-
-class _Schedule:
-    """Picklable LambdaLR function (warm-up + cosine)."""
-
-    def __init__(self, total: int, warmup: int, min_ratio: float) -> None:
-        self.total, self.warmup, self.min_ratio = total, warmup, min_ratio
-
-    def __call__(self, step: int) -> float:
-        return _warmup_cosine(step, self.total, self.warmup, self.min_ratio)
-
-
-def _warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     span = max(1, total - warmup)
@@ -475,28 +760,45 @@ def _warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# ---------------------------------------------------------------------------------------------- model building
-def _build_model(cfg: dict[str, Any]):
-    from universal.model import create_model
+def _place_schedule(optimizer, o: OptimSection, total: int, position: int) -> None:
+    """Set every parameter group's learning rate to the schedule's value at ``position`` (the next step's lr).
 
-    m, d = cfg["model"], cfg["data"]
-    preprocessing = {
-        "orientation": "RAS",
-        "spacing": list(d["spacing_mm"]),
-        "window": list(d["window_hu"]),
-        # the sliding-window size the model was trained with (its global feature pools over one window)
-        "patch_size": [int(p) for p in d["patch_size"]],
-    }
+    The rate is a pure function of the position, so nothing but the position needs saving for an exact resume.
+    """
+    lr = o.lr * lr_factor(position, total, o.warmup_steps, o.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------------- model building
+def _build_model(cfg: TrainConfig):
+    """The model of ``cfg`` (random weights from torch's current seed, or ``model.init``'s), its spec filled in:
+    the preprocessing and the training window that inference will use."""
+    from universal.model import create_model
+    from universal.preprocess import PreprocessConfig
+    from universal.spec import InferenceDefaults
+
+    m, d = cfg.model, cfg.data
     model = create_model(
-        m["backbone"],
-        classes=m["classes"],
-        encoder=m["encoder"],
-        template=m["template"],
-        preprocessing=preprocessing,
-        **dict(m["kwargs"] or {}),
+        m.backbone,
+        classes=None if m.classes is None else list(m.classes),
+        encoder=m.encoder,
+        template=m.template,
+        preprocessing=PreprocessConfig(
+            spacing_mm=tuple(d.spacing_mm), hu_window=tuple(d.window_hu), crop_foreground=d.crop_foreground
+        ),
+        # the sliding-window size the model was trained with (its global feature pools over one window)
+        inference=InferenceDefaults(patch_size=tuple(d.patch_size)),
+        **copy.deepcopy(m.kwargs),
     )
-    if m["init"]:
-        _init_from(model, Path(m["init"]))
+    div = model.size_divisor
+    if any(p % div for p in d.patch_size):
+        raise InputError(
+            f"data.patch_size is {_show(d.patch_size)}; it must be a multiple of {div} for the "
+            f"{model.backbone_name} backbone"
+        )
+    if m.init:
+        _init_from(model, Path(m.init))
     return model
 
 
@@ -552,36 +854,18 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def _save_training_checkpoint(
-    path: Path, model, optimizer, scheduler, scaler, step: int, cfg: dict[str, Any], elapsed_s: float = 0.0
-) -> None:
-    from universal.model import save_checkpoint
-
-    state = {
-        "step": step,
-        "elapsed_s": float(elapsed_s),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": _rng_state(),
-        "config": json.loads(json.dumps(cfg)),
-    }
-    # state first, model second: a model file always has a matching (or newer) state beside it
-    _atomic_torch_save(state, _state_path(path))
-    save_checkpoint(model, path, extra={"training": _train_info(cfg, step, elapsed_s)})
-
-
-def _train_info(cfg: dict[str, Any], step: int, elapsed_s: float = 0.0) -> dict[str, Any]:
-    """Plain facts about the run stored in checkpoints (``patch_size`` is the sliding-window size to use)."""
+def _train_info(cfg: TrainConfig, step: int, elapsed_s: float = 0.0) -> dict[str, Any]:
+    """Plain facts about the run stored in checkpoints' ``extra["training"]`` (the spec holds the contract)."""
     return {
         "step": int(step),
-        "steps": int(cfg["train"]["steps"]),
-        "time_budget_s": cfg["train"]["time_budget_s"],
-        "train_seconds": round(float(elapsed_s), 1),
-        "patch_size": [int(p) for p in cfg["data"]["patch_size"]],
-        "spacing_mm": [float(s) for s in cfg["data"]["spacing_mm"]],
-        "optimizer": str(cfg["optim"]["name"]),
-        "seed": int(cfg["train"]["seed"]),
+        "steps": cfg.train.steps,
+        "time_budget_s": cfg.train.time_budget_s,
+        "train_seconds": round(float(elapsed_s), 3),
+        "patch_size": list(cfg.data.patch_size),
+        "spacing_mm": list(cfg.data.spacing_mm),
+        "crop_foreground": cfg.data.crop_foreground,
+        "optimizer": cfg.optim.name,
+        "seed": cfg.train.seed,
     }
 
 
@@ -597,20 +881,19 @@ def _load_training_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot resume: training state {sp} is unreadable ({exc})") from exc
 
 
-def _resume_path(cfg: dict[str, Any], out_dir: Path) -> Path | None:
-    r = cfg["train"]["resume"]
+def _resume_path(resume: str | bool, out_dir: Path) -> Path | None:
     last = out_dir / "checkpoints" / "last.pt"
-    if r is None or r is False or str(r).lower() in ("false", "none", ""):
+    if resume is False:
         return None
-    if r is True or str(r).lower() == "true":
+    if resume is True:
         if not last.is_file():
             raise CheckpointError(
                 f"train.resume is true but {last} does not exist; set resume: auto or false"
             )
         return last
-    if str(r).lower() == "auto":
+    if resume == "auto":
         return last if last.is_file() else None
-    p = Path(r)
+    p = Path(resume)
     if not p.is_file():
         raise CheckpointError(f"train.resume: checkpoint {p} does not exist")
     return p
@@ -709,29 +992,18 @@ def validate_prepared(
     return {n: float(v) for n, v in zip(names, mean)}
 
 
-# ---------------------------------------------------------------------------------------------------------- train
-def _ensure_phantom(d: dict[str, Any], dist_ctx: _Dist) -> None:
+# ---------------------------------------------------------------------------------------------------------- data
+def _ensure_phantom(d: DataSection, dist_ctx: _Dist) -> None:
     """``data.phantom``: write the synthetic dataset at ``data.train`` when that manifest does not exist yet."""
     from universal.data import write_phantom_dataset
 
-    spec = dict(d["phantom"])
-    allowed = {"n_cases", "shape", "spacing", "label_sets", "seed", "unlabeled", "val_cases"}
-    unknown = set(spec) - allowed
-    if unknown:
-        raise InputError(
-            f"data.phantom: unknown keys {sorted(unknown)} (valid: {', '.join(sorted(allowed))})"
-        )
+    spec = dict(d.phantom or {})
     val_cases = int(spec.pop("val_cases", 0))
-    target = Path(d["train"] if isinstance(d["train"], (str, os.PathLike)) else d["train"][0])
+    target = Path(d.train[0])
     if dist_ctx.main and not target.is_file():
         write_phantom_dataset(target.parent, manifest_name=target.name, **spec)
-    if (
-        dist_ctx.main
-        and val_cases
-        and isinstance(d["val"], (str, os.PathLike))
-        and not Path(d["val"]).is_file()
-    ):
-        val = Path(d["val"])
+    if dist_ctx.main and val_cases and d.val and len(d.val) == 1 and not Path(d.val[0]).is_file():
+        val = Path(d.val[0])
         # held-out cases: other seeds, every class the phantom draws annotated
         write_phantom_dataset(
             val.parent,
@@ -809,13 +1081,62 @@ def _load_cases(paths: Any, classes: list[str], validate_labels: bool, main: boo
     return cases
 
 
-def train(config: Mapping[str, Any] | str | os.PathLike, *, stop_after: int | None = None) -> TrainResult:
-    """Train a Universal Model as ``config`` says (a dict or a YAML/TOML file; see the module docstring).
+def _build_data(cfg: TrainConfig, classes: list[str], dist_ctx: _Dist):
+    """The training patches (a :class:`~universal.data.PatchDataset`), the prepared validation cases (rank 0) and
+    the names of the datasets trained on."""
+    from tqdm.auto import tqdm
+
+    from universal.data import AugmentConfig, PatchDataset, prepare_case
+
+    d, main = cfg.data, dist_ctx.main
+    if d.phantom:
+        _ensure_phantom(d, dist_ctx)
+    cases = _load_cases(d.train, classes, d.validate_labels, main, "training")
+    val_cases = _load_cases(d.val, classes, d.validate_labels, main, "validation") if d.val else []
+    prep = {
+        "classes": classes,
+        "spacing": d.spacing_mm,
+        "window_hu": d.window_hu,
+        "crop_foreground": d.crop_foreground,
+    }
+    if d.cache:
+        show = main and cfg.train.progress
+        prepared: Any = [prepare_case(c, **prep) for c in tqdm(cases, desc="caching", disable=not show)]
+        n_cases = None
+    else:
+        prepared, n_cases = _LazyCases(cases, prep), len(cases)
+    dataset = PatchDataset(
+        prepared,
+        d.patch_size,
+        classes=classes,
+        samples_per_case=d.samples_per_case,
+        pos_neg_ratio=d.pos_neg_ratio,
+        augment=AugmentConfig.from_dict(d.augment),
+        seed=cfg.train.seed,
+        synthesis=_synthesis_hook(cfg.synthesis),
+        n_cases=n_cases,
+    )
+    val_prepared = [prepare_case(c, **prep) for c in val_cases] if main else []
+    return dataset, val_prepared, tuple(dict.fromkeys(c.dataset for c in cases))
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+def train(
+    config: TrainConfig | Mapping[str, Any] | str | os.PathLike,
+    *,
+    stop_after: int | None = None,
+    clock: Callable[[], float] | None = None,
+) -> TrainResult:
+    """Train a Universal Model as ``config`` says (a :class:`TrainConfig`, a mapping or a YAML/TOML file).
 
     Args:
-        config: The config (missing keys take :data:`DEFAULT_CONFIG`).
+        config: The config (missing keys take their defaults; every key: ``docs/CONFIG.md``). It is checked
+            completely before any work (:func:`resolve_config`).
         stop_after: Stop after this many total steps (a checkpoint is written), as if interrupted; the schedule
             still follows ``train.steps``, so resuming later continues exactly.
+        clock: Seconds of a monotonic clock (default :func:`time.perf_counter`). It is read once before the first
+            step and once after each step; ``train.time_budget_s`` and the logged step times use nothing else, so a
+            fake clock makes a budgeted run independent of the machine's speed.
 
     Returns:
         A :class:`TrainResult`.
@@ -823,252 +1144,309 @@ def train(config: Mapping[str, Any] | str | os.PathLike, *, stop_after: int | No
     import torch
 
     cfg = resolve_config(config)
-    t = cfg["train"]
-    dist_ctx = _Dist.from_env(t["device"])
+    dist_ctx = _Dist.from_env(cfg.train.device)
     previous_det = torch.are_deterministic_algorithms_enabled()
     previous_bench = torch.backends.cudnn.benchmark
     try:
-        if t["deterministic"]:
+        if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         else:  # fixed patch size: let cuDNN pick its fastest convolutions once
             torch.backends.cudnn.benchmark = True
-        return _train(cfg, dist_ctx, stop_after)
+        return _run(_setup(cfg, dist_ctx, stop_after, clock or time.perf_counter))
     finally:
         torch.use_deterministic_algorithms(previous_det)
         torch.backends.cudnn.benchmark = previous_bench
         dist_ctx.close()
 
 
-def _train(cfg: dict[str, Any], dist_ctx: _Dist, stop_after: int | None) -> TrainResult:
+@dataclass
+class _Logs:
+    """Rank 0's outputs: the CSV logs and the optional TensorBoard writer."""
+
+    train: _CsvLog
+    val: _CsvLog
+    writer: Any = None
+
+
+@dataclass
+class _Run:
+    """The state of one training run: built by :func:`_setup`, advanced by :func:`_train_step`."""
+
+    cfg: TrainConfig
+    dist: _Dist
+    device: Any
+    amp: bool
+    amp_dtype: Any
+    model: Any  # the UniversalModel itself (train_model may wrap it in DDP)
+    optimizer: Any
+    scaler: Any
+    val_prepared: list[Any]
+    datasets: tuple[str, ...]
+    end_step: int  # train.steps, or stop_after
+    clock: Callable[[], float]
+    train_model: Any = None
+    loader: Any = None
+    bar: Any = None
+    logs: _Logs | None = None
+    step: int = 0
+    position: int = 0  # where the schedule stands (= step without a time budget)
+    prior_elapsed: float = 0.0  # training-loop seconds of the runs this one resumes
+    elapsed: float = 0.0  # training-loop seconds so far, prior runs included
+    resumed_from: int | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    validation: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.train.out_dir)
+
+
+def _setup(cfg: TrainConfig, dist_ctx: _Dist, stop_after: int | None, clock: Callable[[], float]) -> _Run:
+    """Everything before the first step: device, model, data, optimizer, resume, DDP, logs and the loader."""
     import torch
     from tqdm.auto import tqdm
 
-    from universal.data import AugmentConfig, PatchDataset, prepare_case
-    from universal.loss import masked_bce_dice
-    from universal.model import save_checkpoint
-
-    t, d, o = cfg["train"], cfg["data"], cfg["optim"]
-    main = dist_ctx.main
-    device = _pick_device(t["device"], dist_ctx)
-    out_dir = Path(t["out_dir"])
-    total_steps = int(t["steps"])
-    end_step = total_steps if stop_after is None else max(0, min(total_steps, int(stop_after)))
-    amp = (device.type == "cuda") if str(t["amp"]).lower() == "auto" else (str(t["amp"]).lower() == "true")
+    t = cfg.train
+    device = _pick_device(t.device, dist_ctx)
+    amp = (device.type == "cuda") if t.amp == "auto" else t.amp
     if amp and device.type != "cuda":
         warnings.warn("train.amp is only used on CUDA; training in float32 on the CPU", stacklevel=3)
         amp = False
-    amp_dtype = getattr(torch, t["amp_dtype"])
-
-    # ---- model (same seed on every rank; DDP also broadcasts rank 0's weights)
-    torch.manual_seed(int(t["seed"]))
+    amp_dtype = getattr(torch, t.amp_dtype)
+    torch.manual_seed(t.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = _build_model(cfg)
-    classes = list(model.class_names)
-    div = model.size_divisor
-    if any(p % div for p in d["patch_size"]):
-        raise InputError(
-            f"data.patch_size {d['patch_size']} must be a multiple of {div} for the {model.backbone_name} backbone"
-        )
-
-    # ---- data
-    if d["phantom"]:
-        _ensure_phantom(d, dist_ctx)
-    train_cases = _load_cases(d["train"], classes, bool(d["validate_labels"]), main, "training")
-    val_cases = (
-        _load_cases(d["val"], classes, bool(d["validate_labels"]), main, "validation") if d["val"] else []
-    )
-    prep_kwargs = {
-        "classes": classes,
-        "spacing": d["spacing_mm"],
-        "window_hu": d["window_hu"],
-        "crop_foreground": bool(d["crop_foreground"]),
-    }
-    show = main and bool(t["progress"])
-    if d["cache"]:
-        prepared: Any = [
-            prepare_case(c, **prep_kwargs) for c in tqdm(train_cases, desc="caching", disable=not show)
-        ]
-        n_cases = None
-    else:
-        prepared, n_cases = _LazyCases(train_cases, prep_kwargs), len(train_cases)
-    val_prepared = [prepare_case(c, **prep_kwargs) for c in val_cases] if main else []
-    dataset = PatchDataset(
-        prepared,
-        d["patch_size"],
-        classes=classes,
-        samples_per_case=int(d["samples_per_case"]),
-        pos_neg_ratio=d["pos_neg_ratio"],
-        augment=AugmentConfig.from_dict(d["augment"]),
-        seed=int(t["seed"]),
-        synthesis=_synthesis_hook(cfg["synthesis"]),
-        n_cases=n_cases,
-    )
-
-    # ---- optimisation
+    dataset, val_prepared, datasets = _build_data(cfg, list(model.class_names), dist_ctx)
     model.to(device)
-    optimizer = _make_optimizer(model.parameters(), o)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _Schedule(total_steps, int(o["warmup_steps"]), float(o["min_lr_ratio"]))
+    run = _Run(
+        cfg=cfg,
+        dist=dist_ctx,
+        device=device,
+        amp=amp,
+        amp_dtype=amp_dtype,
+        model=model,
+        optimizer=_make_optimizer(model.parameters(), cfg.optim),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16),
+        val_prepared=val_prepared,
+        datasets=datasets,
+        end_step=t.steps if stop_after is None else max(0, min(t.steps, int(stop_after))),
+        clock=clock,
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
-
-    # ---- resume
-    start_step, resumed_from, prior_elapsed = 0, None, 0.0
-    resume = _resume_path(cfg, out_dir)
+    _place_schedule(run.optimizer, cfg.optim, t.steps, 0)
+    resume = _resume_path(t.resume, run.out_dir)
     if resume is not None:
-        from universal.model import load_checkpoint
-
-        state = _load_training_state(resume)
-        saved = load_checkpoint(resume, map_location="cpu")
-        if list(saved.class_names) != classes:
-            raise CheckpointError(
-                f"cannot resume from {resume}: it predicts {saved.class_names}, the config {classes}"
-            )
-        model.load_state_dict(saved.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        start_step = resumed_from = int(state["step"])
-        prior_elapsed = float(state.get("elapsed_s", 0.0))
-        del saved
-
-    train_model: Any = model
+        _restore(run, resume)
+    run.train_model = model
     if dist_ctx.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        train_model = DDP(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(t["find_unused_parameters"]),
-        )
-
-    # ---- logs (rank 0 only)
-    train_log = val_log = writer = None
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n", encoding="utf-8")
-        train_log = _CsvLog(
-            out_dir / "train_log.csv", ["step", "loss", "lr", "seconds", "pairs"], resumed_from
-        )
-        val_log = _CsvLog(out_dir / "val_log.csv", ["step", "mean_dsc", *classes], resumed_from)
-        writer = _tensorboard(t["tensorboard"], out_dir)
-
-    loader = torch.utils.data.DataLoader(
+        ids = [device.index] if device.type == "cuda" else None
+        run.train_model = DDP(model, device_ids=ids, find_unused_parameters=t.find_unused_parameters)
+    if dist_ctx.main:
+        run.logs = _open_logs(cfg, list(model.class_names), run.resumed_from)
+    sampler = _StepSampler(run.step, run.end_step, t.batch_size, dist_ctx.rank, dist_ctx.world)
+    run.loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=int(t["batch_size"]),
-        sampler=_StepSampler(start_step, end_step, int(t["batch_size"]), dist_ctx.rank, dist_ctx.world),
-        num_workers=int(t["num_workers"]),
+        batch_size=t.batch_size,
+        sampler=sampler,
+        num_workers=t.num_workers,
         pin_memory=device.type == "cuda",
         drop_last=False,
     )
-    loss_kw = {
-        "dice_weight": float(cfg["loss"]["dice_weight"]),
-        "bce_weight": float(cfg["loss"]["bce_weight"]),
-        "dice_on_empty": bool(cfg["loss"]["dice_on_empty"]),
+    show = dist_ctx.main and t.progress
+    run.bar = tqdm(total=t.steps, initial=run.step, desc="train", disable=not show, dynamic_ncols=True)
+    return run
+
+
+def _restore(run: _Run, path: Path) -> None:
+    """Continue from a training checkpoint: weights, optimizer, AMP scaler, RNG, step, elapsed seconds and the
+    schedule's position (older state files keep it as the LambdaLR scheduler's ``last_epoch``)."""
+    from universal.model import load_checkpoint
+
+    state = _load_training_state(path)
+    saved = load_checkpoint(path, map_location="cpu")
+    classes = list(run.model.class_names)
+    if list(saved.class_names) != classes:
+        raise CheckpointError(
+            f"cannot resume from {path}: it predicts {saved.class_names}, the config {classes}"
+        )
+    run.model.load_state_dict(saved.state_dict())
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    run.step = run.resumed_from = int(state["step"])
+    run.prior_elapsed = run.elapsed = float(state.get("elapsed_s", 0.0))
+    legacy = (state.get("scheduler") or {}).get("last_epoch", run.step)
+    run.position = int(state.get("schedule_position", legacy))
+    _place_schedule(run.optimizer, run.cfg.optim, run.cfg.train.steps, run.position)
+
+
+def _open_logs(cfg: TrainConfig, classes: list[str], resumed_from: int | None) -> _Logs:
+    """Rank 0: the run folder with ``config.json`` (the resolved config), the CSV logs and TensorBoard."""
+    out_dir = Path(cfg.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return _Logs(
+        train=_CsvLog(out_dir / "train_log.csv", ["step", "loss", "lr", "seconds", "pairs"], resumed_from),
+        val=_CsvLog(out_dir / "val_log.csv", ["step", "mean_dsc", *classes], resumed_from),
+        writer=_tensorboard(cfg.train.tensorboard, out_dir),
+    )
+
+
+def _run(run: _Run) -> TrainResult:
+    """The loop: one step per batch, then the schedule, the log, validation and checkpoints; the final model."""
+    t = run.cfg.train
+    budget = t.time_budget_s
+    out_of_time = budget is not None and run.prior_elapsed >= budget  # a finished budgeted run resumed
+    run.model.train()
+    start = last = run.clock()
+    try:
+        for batch in [] if out_of_time else run.loader:
+            loss, lr, pairs = _train_step(run, batch)
+            now = run.clock()
+            run.step += 1
+            run.elapsed = run.prior_elapsed + (now - start)
+            run.position = _schedule_position(run)
+            _place_schedule(run.optimizer, run.cfg.optim, t.steps, run.position)
+            out_of_time = budget is not None and run.position >= t.steps
+            _log_step(run, loss, lr, pairs, now - last, last_row=out_of_time)
+            last = now
+            if out_of_time:
+                break
+            if t.val_every and run.step % t.val_every == 0 and run.step < t.steps:
+                _run_validation(run)
+            if run.dist.main and t.ckpt_every and run.step % t.ckpt_every == 0 and run.step < run.end_step:
+                _save(run, final=False)
+    finally:
+        run.bar.close()
+    done = run.step >= t.steps or out_of_time
+    if done:
+        _run_validation(run)
+    checkpoint = _save(run, final=done) if run.dist.main else None
+    if run.logs is not None and run.logs.writer is not None:
+        run.logs.writer.close()
+    return TrainResult(
+        run.model, checkpoint, run.out_dir, run.step, run.history, run.validation, run.resumed_from
+    )
+
+
+def _train_step(run: _Run, batch: Mapping[str, Any]) -> tuple[float, float, int]:
+    """One optimisation step on ``batch``; returns the loss (mean over ranks), the lr used and the number of
+    available (case, class) pairs."""
+    import torch
+
+    from universal.loss import masked_bce_dice
+
+    device, loss_cfg, clip = run.device, run.cfg.loss, run.cfg.optim.grad_clip
+    image = batch["image"].to(device, non_blocking=True)
+    target = batch["target"].to(device, non_blocking=True).float()
+    available = batch["available"].to(device, non_blocking=True)
+    with torch.autocast(device_type=device.type, dtype=run.amp_dtype, enabled=run.amp):
+        logits = run.train_model(image)
+    loss = masked_bce_dice(
+        logits.float(),
+        target,
+        available,
+        dice_weight=loss_cfg.dice_weight,
+        bce_weight=loss_cfg.bce_weight,
+        dice_on_empty=loss_cfg.dice_on_empty,
+    )
+    if not loss.requires_grad:  # no available pair in this batch: keep DDP's graph, contribute zero
+        loss = loss + logits.float().sum() * 0.0
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    lr = float(run.optimizer.param_groups[0]["lr"])
+    return run.dist.mean(float(loss.detach()), device), lr, int(available.sum())
+
+
+def _schedule_position(run: _Run) -> int:
+    """Where the schedule stands after ``run.step`` steps: the step, or further along when the time budget runs
+    out faster (averaged over ranks, so every rank follows the same schedule)."""
+    budget, total = run.cfg.train.time_budget_s, run.cfg.train.steps
+    if budget is None:
+        return run.step
+    return int(run.dist.mean(float(max(run.step, int(run.elapsed / budget * total))), run.device))
+
+
+def _log_step(run: _Run, loss: float, lr: float, pairs: int, seconds: float, last_row: bool) -> None:
+    run.bar.update(1)
+    if not run.dist.main:
+        return
+    step = run.step
+    run.history.append({"step": step, "loss": loss, "lr": lr})
+    if step % run.cfg.train.log_every == 0 or step == run.end_step or last_row:
+        run.logs.train.write({"step": step, "loss": loss, "lr": lr, "seconds": seconds, "pairs": pairs})
+        if run.logs.writer is not None:
+            run.logs.writer.add_scalar("train/loss", loss, step)
+            run.logs.writer.add_scalar("train/lr", lr, step)
+    run.bar.set_postfix(loss=f"{loss:.4f}")
+
+
+def _run_validation(run: _Run) -> None:
+    """Rank 0, when ``data.val`` is set: DSC per class on the validation cases, logged."""
+    if not (run.dist.main and run.val_prepared):
+        return
+    dsc = validate_prepared(
+        run.model, run.val_prepared, run.cfg.data.patch_size, device=run.device, amp=run.amp
+    )
+    finite = [v for v in dsc.values() if not math.isnan(v)]
+    mean = float(np.mean(finite)) if finite else float("nan")
+    run.validation.append({"step": run.step, "mean_dsc": mean, "dsc": dsc})
+    run.logs.val.write({"step": run.step, "mean_dsc": mean, **dsc})
+    if run.logs.writer is not None:
+        run.logs.writer.add_scalar("val/mean_dsc", mean, run.step)
+        for n, v in dsc.items():
+            if not math.isnan(v):
+                run.logs.writer.add_scalar(f"val_dsc/{n}", v, run.step)
+    run.bar.set_postfix_str(f"val DSC {mean:.3f}")
+
+
+def _save(run: _Run, final: bool) -> Path:
+    """Rank 0: ``checkpoints/last.pt`` and its training state; ``final``: also ``model.pt``. Returns the model
+    file written last. The model's provenance says how far training got."""
+    from universal import __version__
+    from universal.model import save_checkpoint
+    from universal.spec import Provenance
+
+    t = run.cfg.train
+    run.model.provenance = Provenance(
+        source="trained",
+        universal_version=__version__,
+        steps=run.step,
+        train_seconds=round(run.elapsed, 3),
+        time_budget_s=t.time_budget_s,
+        seed=t.seed,
+        datasets=run.datasets,
+        notes=f"fine-tuned from {Path(run.cfg.model.init).name}" if run.cfg.model.init else "",
+    )
+    state = {
+        "step": run.step,
+        "elapsed_s": float(run.elapsed),
+        "schedule_position": run.position,
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "rng": _rng_state(),
+        "config": run.cfg.to_dict(),
     }
-    grad_clip = o["grad_clip"]
-    history: list[dict[str, float]] = []
-    validation: list[dict[str, Any]] = []
-    val_every, ckpt_every, log_every = int(t["val_every"]), int(t["ckpt_every"]), max(1, int(t["log_every"]))
-    ckpt_path = out_dir / "checkpoints" / "last.pt"
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=not show, dynamic_ncols=True)
+    extra = {"training": _train_info(run.cfg, run.step, run.elapsed)}
+    ckpt = run.out_dir / "checkpoints" / "last.pt"
+    # state first, model second: a model file always has a matching (or newer) state beside it
+    _atomic_torch_save(state, _state_path(ckpt))
+    save_checkpoint(run.model, ckpt, extra=extra)
+    return save_checkpoint(run.model, run.out_dir / "model.pt", extra=extra) if final else ckpt
 
-    def run_validation(step: int) -> None:
-        if not (main and val_prepared):
-            return
-        dsc = validate_prepared(model, val_prepared, d["patch_size"], device=device, amp=amp)
-        finite = [v for v in dsc.values() if not math.isnan(v)]
-        mean = float(np.mean(finite)) if finite else float("nan")
-        validation.append({"step": step, "mean_dsc": mean, "dsc": dsc})
-        val_log.write({"step": step, "mean_dsc": mean, **dsc})
-        if writer is not None:
-            writer.add_scalar("val/mean_dsc", mean, step)
-            for n, v in dsc.items():
-                if not math.isnan(v):
-                    writer.add_scalar(f"val_dsc/{n}", v, step)
-        bar.set_postfix_str(f"val DSC {mean:.3f}")
 
-    budget = t["time_budget_s"]
-    loop_start = time.perf_counter()
+if __name__ == "__main__":  # pragma: no cover - python -m universal.train --doc > docs/CONFIG.md
+    import sys
 
-    def elapsed_s() -> float:
-        return prior_elapsed + (time.perf_counter() - loop_start)
-
-    def schedule_position(step: int) -> int:
-        """Where the schedule stands after ``step`` steps: the step, or further along when the time budget runs
-        out faster (averaged over ranks, so every rank follows the same schedule)."""
-        if budget is None:
-            return step
-        return int(dist_ctx.mean(float(max(step, int(elapsed_s() / budget * total_steps))), device))
-
-    model.train()
-    step = start_step
-    out_of_time = budget is not None and prior_elapsed >= budget  # a finished budgeted run resumed: nothing to do
-    t0 = time.perf_counter()
-    for batch in loader:
-        if out_of_time:
-            break
-        image = batch["image"].to(device, non_blocking=True)
-        target = batch["target"].to(device, non_blocking=True).float()
-        available = batch["available"].to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
-            logits = train_model(image)
-        loss = masked_bce_dice(logits.float(), target, available, **loss_kw)
-        if not loss.requires_grad:  # no available pair in this batch: keep DDP's graph, contribute zero
-            loss = loss + logits.float().sum() * 0.0
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
-        scaler.step(optimizer)
-        scaler.update()
-        lr = float(optimizer.param_groups[0]["lr"])
-        step += 1
-        position = schedule_position(step)
-        out_of_time = budget is not None and position >= total_steps
-        scheduler.last_epoch = position - 1  # step() advances it to `position` and sets that position's lr
-        scheduler.step()
-        loss_value = dist_ctx.mean(float(loss.detach()), device)
-        bar.update(1)
-        if main:
-            elapsed = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            row = {
-                "step": step,
-                "loss": loss_value,
-                "lr": lr,
-                "seconds": elapsed,
-                "pairs": int(available.sum()),
-            }
-            history.append({"step": step, "loss": loss_value, "lr": lr})
-            if step % log_every == 0 or step == end_step or out_of_time:
-                train_log.write(row)
-                if writer is not None:
-                    writer.add_scalar("train/loss", loss_value, step)
-                    writer.add_scalar("train/lr", lr, step)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-        if val_every and step % val_every == 0 and step < total_steps:
-            run_validation(step)
-        if out_of_time:
-            break
-        if main and ckpt_every and step % ckpt_every == 0 and step < end_step:
-            _save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, cfg, elapsed_s())
-    bar.close()
-
-    checkpoint: Path | None = None
-    if step >= total_steps or out_of_time:
-        run_validation(step)
-        if main:
-            spent = elapsed_s()
-            _save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, cfg, spent)
-            checkpoint = out_dir / "model.pt"
-            save_checkpoint(model, checkpoint, extra={"training": _train_info(cfg, step, spent)})
-    elif main:
-        _save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, cfg, elapsed_s())
-        checkpoint = ckpt_path
-    if writer is not None:
-        writer.close()
-    return TrainResult(model, checkpoint, out_dir, step, history, validation, resumed_from)
+    if sys.argv[1:] != ["--doc"]:
+        sys.exit(
+            "usage: python -m universal.train --doc   (prints docs/CONFIG.md, generated from the schema)"
+        )
+    sys.stdout.write(config_doc())

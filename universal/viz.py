@@ -30,6 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from universal.io import json_float, to_json
+from universal.taxonomy import resolve_class
+
 AXES: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
 """View name → the array axis that is fixed by the slice index."""
 
@@ -147,8 +150,6 @@ def square_pixels(image: np.ndarray, aspect: float, min_size: int = 0) -> np.nda
 def class_color(name: str, default_index: int = 0) -> tuple[int, int, int]:
     """The taxonomy colour (RGB 0-255) of a universal class name or alias; a fixed palette for other names."""
     try:
-        from universal.taxonomy import resolve_class
-
         return tuple(int(c) for c in resolve_class(name).color)  # type: ignore[return-value]
     except Exception:  # noqa: BLE001 - e.g. the FLARE "lesion" class: not a universal class
         return _FALLBACK_COLORS[default_index % len(_FALLBACK_COLORS)]
@@ -160,8 +161,6 @@ def _draw_order(names: Iterable[str]) -> list[str]:
 
     def kind(n: str) -> int:
         try:
-            from universal.taxonomy import resolve_class
-
             return 1 if resolve_class(n).kind == "tumor" else 0
         except Exception:  # noqa: BLE001
             return 1 if ("tumor" in n or "lesion" in n or "cyst" in n) else 0
@@ -323,16 +322,16 @@ def _class_meshes(
     from scipy import ndimage
     from skimage.measure import marching_cubes
 
+    from universal.postprocess import bounding_box  # SciPy at import: loaded with the meshes only
+
     meshes = []
     for i, name in enumerate(names):
         mask = np.asarray(masks[name], dtype=bool)
-        if not mask.any():
+        box = bounding_box(mask)
+        if box is None:
             continue
-        idx = np.nonzero(mask.any(axis=(1, 2)))[0], np.nonzero(mask.any(axis=(0, 2)))[0]
-        iz = np.nonzero(mask.any(axis=(0, 1)))[0]
-        lo = np.array([idx[0][0], idx[1][0], iz[0]])
-        hi = np.array([idx[0][-1], idx[1][-1], iz[-1]]) + 1
-        crop = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        lo = np.array([b.start for b in box])
+        crop = mask[box]
         small = _block_mean(crop, factor)
         if smooth > 0:
             small = ndimage.gaussian_filter(small, smooth)
@@ -417,24 +416,7 @@ def mesh_figure(
     meshes = class_meshes(masks, affine, classes, max_triangles=max_triangles, step=step)
     fig = go.Figure()
     for m in meshes:
-        v = np.round(m.vertices, 1)
-        fig.add_trace(
-            go.Mesh3d(
-                x=v[:, 0],
-                y=v[:, 1],
-                z=v[:, 2],
-                i=m.faces[:, 0],
-                j=m.faces[:, 1],
-                k=m.faces[:, 2],
-                color="rgb({},{},{})".format(*m.color),
-                opacity=opacity,
-                name=m.name,
-                showlegend=True,
-                flatshading=False,
-                lighting={"ambient": 0.45, "diffuse": 0.8, "specular": 0.2, "roughness": 0.6},
-                hovertemplate=f"{m.name}<extra></extra>",
-            )
-        )
+        fig.add_trace(_mesh_trace(m, opacity))
     total = int(sum(len(m.faces) for m in meshes))
     fig.update_layout(
         height=height,
@@ -451,6 +433,28 @@ def mesh_figure(
         title={"text": f"{len(meshes)} structures, {total:,} triangles", "font": {"size": 13}},
     )
     return fig
+
+
+def _mesh_trace(m: Mesh, opacity: float):
+    """One ``plotly`` ``Mesh3d`` trace of a mesh (vertices rounded to 0.1 mm) in its colour."""
+    import plotly.graph_objects as go
+
+    v = np.round(m.vertices, 1)
+    return go.Mesh3d(
+        x=v[:, 0],
+        y=v[:, 1],
+        z=v[:, 2],
+        i=m.faces[:, 0],
+        j=m.faces[:, 1],
+        k=m.faces[:, 2],
+        color="rgb({},{},{})".format(*m.color),
+        opacity=opacity,
+        name=m.name,
+        showlegend=True,
+        flatshading=False,
+        lighting={"ambient": 0.45, "diffuse": 0.8, "specular": 0.2, "roughness": 0.6},
+        hovertemplate=f"{m.name}<extra></extra>",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ charts
@@ -573,8 +577,6 @@ def results_frame(seg: Any, classes: Sequence[str] | None = None):
     rows = []
     for n in names:
         try:
-            from universal.taxonomy import resolve_class
-
             kind = resolve_class(n).kind
         except Exception:  # noqa: BLE001
             kind = ""
@@ -584,7 +586,7 @@ def results_frame(seg: Any, classes: Sequence[str] | None = None):
                 "class": n,
                 "kind": kind,
                 "volume (mL)": round(float(vols.get(n, 0.0)), 2),
-                "mean HU": round(float(hu), 1) if hu is not None and np.isfinite(hu) else None,
+                "mean HU": json_float(hu, 1),
                 "voxels": int(np.count_nonzero(seg.masks[n])),
             }
         )
@@ -592,10 +594,6 @@ def results_frame(seg: Any, classes: Sequence[str] | None = None):
 
 
 # ------------------------------------------------------------------------------------------------ downloads
-def _file_stem(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in name.strip().replace(" ", "_"))
-
-
 def masks_zip_bytes(seg: Any) -> bytes:
     """A zip of ``masks/<class_name>.nii.gz`` (uint8 0/1, on the input's own grid) and ``labels.nii.gz``.
 
@@ -641,21 +639,5 @@ def metrics_csv(result: Any) -> str:
 
 
 def to_json_bytes(obj: Any) -> bytes:
-    """JSON (UTF-8, indented) with NaN/inf written as ``null`` and numpy scalars as numbers."""
-
-    def clean(x: Any) -> Any:
-        if isinstance(x, Mapping):
-            return {str(k): clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        if isinstance(x, np.ndarray):
-            return clean(x.tolist())
-        if isinstance(x, (np.bool_, bool)):
-            return bool(x)
-        if isinstance(x, (np.integer,)):
-            return int(x)
-        if isinstance(x, (float, np.floating)):
-            return float(x) if np.isfinite(x) else None
-        return x
-
-    return json.dumps(clean(obj), indent=2, allow_nan=False).encode()
+    """JSON (UTF-8, indented) with NaN/inf as ``null`` and numpy values as numbers (:func:`universal.io.to_json`)."""
+    return json.dumps(to_json(obj), indent=2, allow_nan=False).encode()

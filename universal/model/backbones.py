@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from universal.errors import InputError
+
 __all__ = [
     "BackboneSpec",
     "PatchMergingV09",
@@ -106,8 +108,6 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     """The registry entry of ``name`` (case-insensitive); unknown → ``InputError`` listing the valid names."""
     spec = _REGISTRY.get(str(name).lower())
     if spec is None:
-        from universal.errors import InputError
-
         raise InputError(
             f"Unknown backbone {name!r}; choose one of {list_models()} (see universal.model.list_models())."
         )
@@ -120,8 +120,6 @@ def build_backbone(name: str, **kwargs: Any) -> nn.Module:
     try:
         module = spec.factory(**kwargs)
     except TypeError as exc:  # an unknown keyword argument
-        from universal.errors import InputError
-
         raise InputError(
             f"Backbone {spec.name!r} does not accept these arguments {sorted(kwargs)}: {exc}"
         ) from exc
@@ -194,12 +192,12 @@ def SegResNetBackbone(**kwargs: Any) -> nn.Module:  # noqa: N802 - behaves like 
     Raises:
         InputError: ``init_filters`` not a positive multiple of 16 and of ``num_groups`` (GroupNorm).
     """
-    from universal.errors import InputError
-
     filters = kwargs.get("init_filters", 16)
     groups = kwargs.get("num_groups", 8)
     if not isinstance(filters, int) or not isinstance(groups, int) or filters < 1 or groups < 1:
-        raise InputError(f"segresnet needs positive integers init_filters and num_groups, got {filters}, {groups}")
+        raise InputError(
+            f"segresnet needs positive integers init_filters and num_groups, got {filters}, {groups}"
+        )
     if filters % 16 or filters % groups:
         raise InputError(
             f"segresnet init_filters={filters} must be a multiple of 16 (the Universal Model's heads normalise the "
@@ -392,6 +390,24 @@ def _ensure_swin_rearrange() -> None:
     swin_module.rearrange = _permute_rearrange
 
 
+def _swin_downsample(merging: str) -> Any:
+    """MONAI's ``downsample`` argument for a patch-merging order: ``"v0.9"`` (official weights) or ``"corrected"``."""
+    if merging == "v0.9":
+        return PatchMergingV09  # MONAI calls it as downsample(dim=, norm_layer=, spatial_dims=)
+    if merging == "corrected":
+        return "merging"  # MONAI >= 1.0 order, all eight sub-grids once
+    raise ValueError(f"merging must be 'v0.9' (official weights) or 'corrected', not {merging!r}")
+
+
+def _check_swin_patch(spatial: tuple[int, ...]) -> None:
+    """Swin UNETR's 1/32 bottleneck must hold more than one voxel (instance norm), else an :class:`InputError`."""
+    if math.prod(s // 32 for s in spatial) < 2:
+        raise InputError(
+            f"Swin UNETR needs patches of at least 64 voxels along one axis (its 1/32 bottleneck must hold "
+            f"more than one voxel for its instance norm); got {spatial}."
+        )
+
+
 @functools.cache
 def _swinunetr_class() -> type[nn.Module]:
     from monai.networks.nets import SwinUNETR
@@ -410,13 +426,6 @@ def _swinunetr_class() -> type[nn.Module]:
             attn_drop_rate: float = 0.0,
             dropout_path_rate: float = 0.0,
         ) -> None:
-            if merging == "v0.9":
-                # MONAI calls it as downsample(dim=, norm_layer=, spatial_dims=)
-                downsample: Any = PatchMergingV09
-            elif merging == "corrected":
-                downsample = "merging"  # MONAI >= 1.0 order, all eight sub-grids once
-            else:
-                raise ValueError(f"merging must be 'v0.9' (official weights) or 'corrected', not {merging!r}")
             super().__init__(
                 in_channels=1,
                 out_channels=1,
@@ -426,7 +435,7 @@ def _swinunetr_class() -> type[nn.Module]:
                 drop_rate=drop_rate,
                 attn_drop_rate=attn_drop_rate,
                 dropout_path_rate=dropout_path_rate,
-                downsample=downsample,
+                downsample=_swin_downsample(merging),
             )
             del self.out  # the Universal Model uses its own head
             self.bottleneck_channels = 16 * int(feature_size)
@@ -435,13 +444,7 @@ def _swinunetr_class() -> type[nn.Module]:
 
         def forward(self, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
             self._check_input_size(x_in.shape[2:])
-            if math.prod(s // 32 for s in x_in.shape[2:]) < 2:
-                from universal.errors import InputError
-
-                raise InputError(
-                    f"Swin UNETR needs patches of at least 64 voxels along one axis (its 1/32 bottleneck must hold "
-                    f"more than one voxel for its instance norm); got {tuple(x_in.shape[2:])}."
-                )
+            _check_swin_patch(tuple(x_in.shape[2:]))
             hidden = self.swinViT(x_in, self.normalize)
             enc0 = self.encoder1(x_in)
             enc1 = self.encoder2(hidden[0])

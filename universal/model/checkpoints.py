@@ -1,12 +1,15 @@
 """Saving and loading Universal Models: the project's own format, the official release's format, a weights registry.
 
 - :func:`save_checkpoint` / :func:`load_checkpoint`: the project's self-describing format, a dict of plain values and
-  tensors only (``{"format": "universal-checkpoint", "version": 1, "config": ..., "state_dict": ..., "extra": ...}``),
-  so it loads with ``torch.load(weights_only=True)``; the config recreates the architecture, the class names, the text
-  encoder's name, the prompt template and the preprocessing.
+  tensors only (``{"format": "universal-checkpoint", "version": 2, "spec": ..., "state_dict": ..., "extra": ...}``),
+  so it loads with ``torch.load(weights_only=True)``; ``spec`` is :meth:`universal.spec.ModelSpec.to_dict` (the
+  architecture, classes, encoder, template, preprocessing, inference defaults and provenance) and comes back as the
+  same object (``model.spec``). Version-1 files (``"config"`` with an untyped preprocessing dict, e.g. the first
+  ``builtin.pt``) are migrated on load by :func:`universal.spec.migrate_v1`.
 - :func:`load_official`: a checkpoint released with the official CLIP-Driven Universal Model (``{'net': state_dict}``
   or a bare state dict, ``module.`` prefixes, Swin keys with or without ``backbone.``), backbone detected from the key
-  names; the 32 universal classes; embeddings from the checkpoint's ``organ_embedding``.
+  names; the 32 universal classes; embeddings from the checkpoint's ``organ_embedding``; the official pipeline's
+  settings as its spec (:func:`universal.spec.official_spec`).
 - :func:`load_pretrained`: a path (either format, detected) or a name of :data:`PRETRAINED` (downloaded once to
   ``~/.cache/universal/weights``, or ``$UNIVERSAL_CACHE_DIR/weights``, with a sha256 check where one is pinned).
 
@@ -31,7 +34,8 @@ import torch
 
 from universal.errors import CheckpointError, DownloadError
 from universal.model.backbones import list_models
-from universal.model.universal_model import UniversalModel, create_model
+from universal.model.universal_model import UniversalModel
+from universal.spec import ModelSpec, migrate_v1, official_spec
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -39,16 +43,19 @@ __all__ = [
     "OFFICIAL_ENCODER_NAME",
     "OFFICIAL_TEMPLATE",
     "PRETRAINED",
+    "builtin_weights_path",
     "cache_dir",
     "download_weights",
     "load_checkpoint",
     "load_official",
     "load_pretrained",
+    "model_from_spec",
+    "read_spec",
     "save_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "universal-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 #: encoder name recorded for the CLIP ViT-B/32 embeddings stored inside the official checkpoints
 OFFICIAL_ENCODER_NAME = "table:official-clip"
 #: the official prompt template (the embeddings in the released checkpoints were made with it)
@@ -95,6 +102,11 @@ PRETRAINED: dict[str, dict[str, Any]] = {
 }
 
 _BUILTIN_PATH = Path(__file__).resolve().parents[1] / "resources" / "builtin.pt"
+
+
+def builtin_weights_path() -> Path:
+    """Where the built-in weights live (inside the installed package: ``universal/resources/builtin.pt``)."""
+    return _BUILTIN_PATH
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -243,7 +255,7 @@ def save_checkpoint(
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "config": model.config(),
+        "spec": model.spec.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra,
     }
@@ -252,43 +264,61 @@ def save_checkpoint(
     return atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
-def _model_from_universal(obj: Mapping[str, Any], source: str) -> UniversalModel:
+def read_spec(obj: Mapping[str, Any], source: str) -> ModelSpec:
+    """The :class:`~universal.spec.ModelSpec` of a loaded universal checkpoint object (version 1 migrated)."""
     version = obj.get("version")
-    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION or version < 1:
         raise CheckpointError(
             f"{source} is a universal checkpoint of version {version!r}; this version of universal reads up to "
             f"version {CHECKPOINT_VERSION}. Upgrade universal."
         )
-    config, state = obj.get("config"), obj.get("state_dict")
-    if not isinstance(config, Mapping) or not isinstance(state, Mapping):
+    if version == 1:
+        config = obj.get("config")
+        if not isinstance(config, Mapping):
+            raise CheckpointError(f"{source} lacks its 'config' (a corrupt universal checkpoint).")
+        required = ("backbone", "class_names", "encoder_name", "template", "embed_dim")
+        absent = [k for k in required if k not in config]
+        if absent:
+            raise CheckpointError(f"{source}: its config lacks {absent} (a corrupt universal checkpoint).")
+        extra = obj.get("extra") if isinstance(obj.get("extra"), Mapping) else {}
+        try:
+            return migrate_v1(config, extra)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
+    try:
+        return ModelSpec.from_dict(obj.get("spec"))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc} (a corrupt universal checkpoint)") from None
+
+
+def model_from_spec(spec: ModelSpec, source: str = "the spec") -> UniversalModel:
+    """An untrained model with ``spec``'s architecture and contract (zero embeddings until weights are loaded)."""
+    if spec.backbone.lower() not in list_models():
         raise CheckpointError(
-            f"{source} lacks its 'config' or 'state_dict' (a corrupt universal checkpoint)."
-        )
-    required = ("backbone", "class_names", "encoder_name", "template", "embed_dim")
-    absent = [k for k in required if k not in config]
-    if absent:
-        raise CheckpointError(f"{source}: its config lacks {absent} (a corrupt universal checkpoint).")
-    if str(config["backbone"]).lower() not in list_models():
-        raise CheckpointError(
-            f"{source} uses the backbone {config['backbone']!r}, which this installation does not have "
+            f"{source} uses the backbone {spec.backbone!r}, which this installation does not have "
             f"(available: {list_models()})."
         )
+    from universal import taxonomy
     from universal.errors import UniversalError
 
     try:
-        model = create_model(
-            backbone=config["backbone"],
-            classes=list(config["class_names"]),
-            encoder=str(config["encoder_name"]),
-            template=str(config["template"]),
-            embed_dim=int(config["embed_dim"]),
-            preprocessing=dict(config.get("preprocessing") or {}) or None,
-            **dict(config.get("backbone_kwargs") or {}),
-        )
+        canonical = [c.name for c in taxonomy.resolve_classes(list(spec.classes))]
     except UniversalError as exc:
-        raise CheckpointError(f"{source}: cannot rebuild its model from the config: {exc}") from None
-    if len(model.class_names) != len(config["class_names"]):
-        raise CheckpointError(f"{source}: its class list has duplicates: {list(config['class_names'])}.")
+        raise CheckpointError(f"{source}: its classes cannot be read: {exc}") from None
+    if canonical != list(spec.classes):
+        spec = spec.replace(classes=tuple(canonical))
+    try:
+        return UniversalModel.from_spec(spec)
+    except UniversalError as exc:
+        raise CheckpointError(f"{source}: cannot rebuild its model from the spec: {exc}") from None
+
+
+def _model_from_universal(obj: Mapping[str, Any], source: str) -> UniversalModel:
+    spec = read_spec(obj, source)
+    state = obj.get("state_dict")
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{source} lacks its 'state_dict' (a corrupt universal checkpoint).")
+    model = model_from_spec(spec, source)
     return _load_state_strict(model, state, source)
 
 
@@ -408,14 +438,16 @@ def _official_from_object(obj: Any, source: str, backbone: str | None = None) ->
         )
     # the 32 universal classes in the official (= taxonomy) order; a checkpoint with another class count is
     # reported by the strict check below (organ_embedding's shape), together with every other mismatch
-    model = create_model(
-        backbone=name,
-        classes=None,
+    from universal.taxonomy import CLASSES
+
+    spec = official_spec(
+        name,
+        int(emb.shape[1]),
+        tuple(c.name for c in CLASSES),
         encoder=OFFICIAL_ENCODER_NAME,
         template=OFFICIAL_TEMPLATE,
-        embed_dim=int(emb.shape[1]),
     )
-    return _load_state_strict(model, state, source).eval()
+    return _load_state_strict(UniversalModel.from_spec(spec), state, source).eval()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -462,18 +494,37 @@ def download_weights(
         f"To install it by hand, download {url} on a machine with internet access and either copy it to {dest} "
         f"or pass its path: universal.model.load_pretrained('/path/to/{entry['filename']}')."
     )
-    import urllib.error
-    import urllib.request
-
-    from tqdm.auto import tqdm
-
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DownloadError(
             f"Cannot create the weights cache {folder} ({exc}); set UNIVERSAL_CACHE_DIR."
         ) from None
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=folder)
+    tmp, got = _download_to_temp(url, dest, name, progress, manual)
+    if entry.get("sha256"):
+        if got != entry["sha256"]:
+            tmp.unlink(missing_ok=True)
+            raise DownloadError(
+                f"The download of {name!r} is corrupt or changed (sha256 {got}, expected {entry['sha256']}). {manual}"
+            )
+    else:
+        warnings.warn(
+            f"The sha256 of {name!r} is not pinned; downloaded file has sha256 {got} (not verified).",
+            UserWarning,
+            stacklevel=2,
+        )
+    os.replace(tmp, dest)
+    return dest
+
+
+def _download_to_temp(url: str, dest: Path, name: str, progress: bool, manual: str) -> tuple[Path, str]:
+    """Stream ``url`` into a temporary ``.part`` file beside ``dest``: ``(its path, its sha256)``; removed on failure."""
+    import urllib.error
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     digest = hashlib.sha256()
     try:
@@ -491,21 +542,7 @@ def download_weights(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    got = digest.hexdigest()
-    if entry.get("sha256"):
-        if got != entry["sha256"]:
-            tmp.unlink(missing_ok=True)
-            raise DownloadError(
-                f"The download of {name!r} is corrupt or changed (sha256 {got}, expected {entry['sha256']}). {manual}"
-            )
-    else:
-        warnings.warn(
-            f"The sha256 of {name!r} is not pinned; downloaded file has sha256 {got} (not verified).",
-            UserWarning,
-            stacklevel=2,
-        )
-    os.replace(tmp, dest)
-    return dest
+    return tmp, digest.hexdigest()
 
 
 def _registry_entry(name: str) -> dict[str, Any]:
@@ -552,12 +589,13 @@ def load_pretrained(
             raise CheckpointError(f"No checkpoint file at {str(name_or_path)!r}; check the path.")
         _registry_entry(key)  # raises with the list of known names
     if key == "builtin":
-        if not _BUILTIN_PATH.is_file():
+        builtin = builtin_weights_path()
+        if not builtin.is_file():
             raise CheckpointError(
                 "The built-in weights are not shipped yet (universal/resources/builtin.pt is missing): train a model "
                 "with `universal train` and pass its checkpoint path, or use 'universal-unet' / "
                 "'universal-swinunetr' (official weights, research only)."
             )
-        return _from_object(_read(_BUILTIN_PATH, map_location), _BUILTIN_PATH.name)
+        return _from_object(_read(builtin, map_location), builtin.name)
     file = download_weights(key, progress=progress)
     return _from_object(_read(file, map_location), file.name)

@@ -29,11 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from universal import prompts, taxonomy
+from universal.errors import InputError
+from universal.io import to_json
 from universal.model.backbones import build_backbone, get_backbone_spec
+from universal.preprocess import PreprocessConfig
+from universal.spec import InferenceDefaults, ModelSpec, Provenance
 
 __all__ = [
     "CONTROLLER_SPLITS",
-    "DEFAULT_PREPROCESSING",
     "HEAD_CHANNELS",
     "NUM_CONTROLLER_PARAMS",
     "UniversalModel",
@@ -57,12 +61,6 @@ CONTROLLER_SPLITS: tuple[int, ...] = (
 NUM_CONTROLLER_PARAMS = sum(CONTROLLER_SPLITS)
 #: width of the global image feature and of the projected text feature
 GLOBAL_DIM = 256
-#: preprocessing the models are trained for (RAS+, 1.5 mm isotropic, HU window [-175, 250] → [0, 1])
-DEFAULT_PREPROCESSING: dict[str, Any] = {
-    "orientation": "RAS",
-    "spacing": [1.5, 1.5, 1.5],
-    "window": [-175.0, 250.0],
-}
 
 
 def split_controller_params(
@@ -133,18 +131,11 @@ def dynamic_heads(
 
 
 def _plain(value: Any) -> Any:
-    """Backbone kwargs → plain JSON-like values (tuples → lists) for the config."""
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(
-        f"backbone arguments must be numbers, strings, lists or dicts; got {type(value).__name__}"
-    )
+    """Backbone kwargs → plain JSON values (tuples → lists, numpy → Python) for the config; other types raise."""
+    try:
+        return to_json(value)
+    except TypeError as exc:
+        raise TypeError(f"backbone arguments must be numbers, strings, lists or dicts; {exc}") from None
 
 
 class UniversalModel(nn.Module):
@@ -157,7 +148,10 @@ class UniversalModel(nn.Module):
         encoder_name: stable name of the text encoder that made ``organ_embedding`` (e.g. ``"minilm"``).
         template: the prompt template (e.g. ``"A computerized tomography of a {}"``).
         organ_embedding: buffer ``(K, D)``, one prompt embedding per class (saved in checkpoints).
-        preprocessing: the input preprocessing the model expects (orientation, spacing in mm, HU window).
+        preprocessing: the input preprocessing the model expects (:class:`universal.preprocess.PreprocessConfig`).
+        inference_defaults: window size, overlap, threshold, precision (:class:`universal.spec.InferenceDefaults`).
+        provenance: how the weights were made (:class:`universal.spec.Provenance`).
+        spec: all of the above as one frozen :class:`universal.spec.ModelSpec` (what checkpoints store).
         head_chunk_size: ``None`` or a number of classes per chunk of the dynamic heads (memory bound).
 
     >>> model = create_model("segresnet", classes=["liver", "spleen"], embeddings=np.eye(2, 32, dtype="float32"))
@@ -175,9 +169,18 @@ class UniversalModel(nn.Module):
         encoder_name: str,
         template: str,
         backbone_kwargs: dict[str, Any] | None = None,
-        preprocessing: dict[str, Any] | None = None,
+        preprocessing: PreprocessConfig | None = None,
+        inference: InferenceDefaults | None = None,
+        provenance: Provenance | None = None,
     ) -> None:
         super().__init__()
+        for name, value, kind in (
+            ("preprocessing", preprocessing, PreprocessConfig),
+            ("inference", inference, InferenceDefaults),
+            ("provenance", provenance, Provenance),
+        ):
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(f"{name} must be a {kind.__name__} or None, got {type(value).__name__}")
         emb = (
             torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
             if not torch.is_tensor(embeddings)
@@ -196,7 +199,9 @@ class UniversalModel(nn.Module):
         self._position = {name: i for i, name in enumerate(self.class_names)}
         self.encoder_name = str(encoder_name)
         self.template = str(template)
-        self.preprocessing: dict[str, Any] = copy.deepcopy(preprocessing or DEFAULT_PREPROCESSING)
+        self.preprocessing: PreprocessConfig = preprocessing or PreprocessConfig()
+        self.inference_defaults: InferenceDefaults = inference or InferenceDefaults()
+        self.provenance: Provenance = provenance or Provenance(source="created")
         self.head_chunk_size: int | None = None
 
         self.backbone = build_backbone(self.backbone_name, **self.backbone_kwargs)
@@ -232,17 +237,39 @@ class UniversalModel(nn.Module):
         """Input spatial sizes must be multiples of this (8 for segresnet/unet, 32 for swinunetr)."""
         return int(self.backbone.size_divisor)
 
+    @property
+    def spec(self) -> ModelSpec:
+        """The model's contract (architecture, preprocessing, inference defaults, provenance), frozen."""
+        return ModelSpec(
+            backbone=self.backbone_name,
+            backbone_kwargs=copy.deepcopy(self.backbone_kwargs),
+            classes=tuple(self.class_names),
+            encoder=self.encoder_name,
+            template=self.template,
+            embed_dim=self.embed_dim,
+            preprocessing=self.preprocessing,
+            inference=self.inference_defaults,
+            provenance=self.provenance,
+        )
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> UniversalModel:
+        """A model with ``spec``'s architecture and contract (zero prompt embeddings until weights are loaded)."""
+        return cls(
+            spec.backbone,
+            list(spec.classes),
+            np.zeros((len(spec.classes), spec.embed_dim), dtype=np.float32),
+            encoder_name=spec.encoder,
+            template=spec.template,
+            backbone_kwargs=dict(spec.to_dict()["backbone_kwargs"]),
+            preprocessing=spec.preprocessing,
+            inference=spec.inference,
+            provenance=spec.provenance,
+        )
+
     def config(self) -> dict[str, Any]:
-        """A plain dict (str/int/float/list/dict only) that recreates the architecture and its prompts' identity."""
-        return {
-            "backbone": self.backbone_name,
-            "backbone_kwargs": copy.deepcopy(self.backbone_kwargs),
-            "class_names": list(self.class_names),
-            "encoder_name": self.encoder_name,
-            "template": self.template,
-            "embed_dim": self.embed_dim,
-            "preprocessing": copy.deepcopy(self.preprocessing),
-        }
+        """The spec as plain values (``self.spec.to_dict()``; str/int/float/list/dict only)."""
+        return self.spec.to_dict()
 
     # ---------------------------------------------------------------------------------------------- classes
     def class_positions(self, classes: Iterable[Any] | str | None = None) -> list[int]:
@@ -365,7 +392,9 @@ def create_model(
     template: str | None = None,
     embeddings: np.ndarray | torch.Tensor | None = None,
     embed_dim: int | None = None,
-    preprocessing: dict[str, Any] | None = None,
+    preprocessing: PreprocessConfig | None = None,
+    inference: InferenceDefaults | None = None,
+    provenance: Provenance | None = None,
     **backbone_kwargs: Any,
 ) -> UniversalModel:
     """Build a Universal Model (randomly initialised) for ``classes`` with prompt embeddings.
@@ -379,60 +408,59 @@ def create_model(
         embeddings: ``(K, D)`` prompt embeddings, one row per class (in ``classes`` order).
         embed_dim: D. With ``embeddings`` it must match; alone it builds zero placeholder embeddings (used when
             the real ones are loaded from a checkpoint afterwards).
-        preprocessing: recorded input preprocessing (default :data:`DEFAULT_PREPROCESSING`).
+        preprocessing: the input preprocessing the weights expect (default: 1.5 mm, HU [-175, 250], crop).
+        inference: inference defaults (window size, overlap, threshold, precision); provenance: how it was made.
         **backbone_kwargs: arguments of the backbone (e.g. ``init_filters=16`` for segresnet).
 
     >>> m = create_model("segresnet", classes=["liver", "spleen"], encoder="onehot", embed_dim=32)
     >>> m.class_names, tuple(m.organ_embedding.shape)
     (['liver', 'spleen'], (2, 32))
     """
-    from universal import taxonomy
-    from universal.errors import InputError
-
     get_backbone_spec(backbone)  # unknown backbone → clear error before any encoding
     infos = taxonomy.resolve_classes(classes)
     if not infos:
         raise InputError(
             "No classes given: name at least one universal class (or pass classes=None for all 32)."
         )
-    names = [info.name for info in infos]
-
     if template is None or "{}" not in template:
-        from universal import prompts
-
         template = prompts.DEFAULT_TEMPLATE if template is None else prompts.resolve_template(template)
-
-    if embeddings is not None:
-        emb = np.asarray(
-            embeddings.detach().cpu() if torch.is_tensor(embeddings) else embeddings, dtype=np.float32
-        )
-        if emb.ndim != 2 or emb.shape[0] != len(names):
-            raise InputError(
-                f"Embeddings must have shape (K={len(names)}, D) for the {len(names)} classes, got {emb.shape}."
-            )
-        if embed_dim is not None and emb.shape[1] != int(embed_dim):
-            raise InputError(f"Embeddings are {emb.shape[1]}-d but embed_dim={embed_dim}; they must agree.")
-        if not np.isfinite(emb).all():
-            raise InputError("Embeddings contain NaN or infinite values.")
-        encoder_name = encoder if isinstance(encoder, str) else str(encoder.name)
-    elif embed_dim is not None:
-        if int(embed_dim) < 1:
-            raise InputError(f"embed_dim must be a positive integer, got {embed_dim}.")
-        emb = np.zeros((len(names), int(embed_dim)), dtype=np.float32)
-        encoder_name = encoder if isinstance(encoder, str) else str(encoder.name)
-    else:
-        from universal import prompts
-
-        enc = prompts.get_encoder(encoder) if isinstance(encoder, str) else encoder
-        emb = np.asarray(prompts.encode_prompts(infos, template, enc), dtype=np.float32)
-        encoder_name = str(enc.name)
-
+    emb, encoder_name = _prompt_embeddings(infos, encoder, template, embeddings, embed_dim)
     return UniversalModel(
         backbone,
-        names,
+        [info.name for info in infos],
         emb,
         encoder_name=encoder_name,
         template=template,
         backbone_kwargs=backbone_kwargs,
         preprocessing=preprocessing,
+        inference=inference,
+        provenance=provenance,
     )
+
+
+def _prompt_embeddings(
+    infos: Sequence[Any], encoder: Any, template: str, embeddings: Any, embed_dim: int | None
+) -> tuple[np.ndarray, str]:
+    """``(K, D)`` float32 prompt embeddings for :func:`create_model` and the name of the encoder they come from.
+
+    Given ``embeddings`` are checked, ``embed_dim`` alone gives zero placeholders, else ``encoder`` is run.
+    """
+    n = len(infos)
+    if embeddings is None and embed_dim is None:
+        enc = prompts.get_encoder(encoder) if isinstance(encoder, str) else encoder
+        return np.asarray(prompts.encode_prompts(infos, template, enc), dtype=np.float32), str(enc.name)
+    if embeddings is None:
+        if int(embed_dim) < 1:
+            raise InputError(f"embed_dim must be a positive integer, got {embed_dim}.")
+        emb = np.zeros((n, int(embed_dim)), dtype=np.float32)
+    else:
+        emb = np.asarray(
+            embeddings.detach().cpu() if torch.is_tensor(embeddings) else embeddings, dtype=np.float32
+        )
+        if emb.ndim != 2 or emb.shape[0] != n:
+            raise InputError(f"Embeddings must have shape (K={n}, D) for the {n} classes, got {emb.shape}.")
+        if embed_dim is not None and emb.shape[1] != int(embed_dim):
+            raise InputError(f"Embeddings are {emb.shape[1]}-d but embed_dim={embed_dim}; they must agree.")
+        if not np.isfinite(emb).all():
+            raise InputError("Embeddings contain NaN or infinite values.")
+    return emb, encoder if isinstance(encoder, str) else str(encoder.name)
