@@ -30,13 +30,11 @@
 
 # %% tags=["parameters"]
 QUICK = True  # CI-sized run (this notebook is small either way)
-DATA_DIR = None  # folder with the real CTs; None = $UNIVERSAL_SHARED_DATA or the nearest shared/data above
+DATA_DIR = None  # folder with the real CTs; None = $UNIVERSAL_DATA_DIR or the nearest shared/data above
 
 # %%
 import copy
-import os
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -44,24 +42,14 @@ import torch
 
 import universal
 from universal import prompts, taxonomy, viz
+from universal.data import find_sample_data
 from universal.errors import EncoderUnavailableError
 from universal.model import dynamic_heads, split_controller_params
 from universal.preprocess import PreprocessConfig, preprocess  # the preprocessing segment() uses
 
-# where the real CTs are: the DATA_DIR parameter, else $UNIVERSAL_SHARED_DATA, else the first shared/data found
+# where the real CTs are: the DATA_DIR parameter, else $UNIVERSAL_DATA_DIR, else the first shared/data found
 # walking up from this notebook's folder (the repository keeps them in ../shared/data beside the project)
-if DATA_DIR is None:
-    DATA_DIR = os.environ.get("UNIVERSAL_SHARED_DATA")
-if DATA_DIR is None:
-    DATA_DIR = next(
-        (
-            p / "shared" / "data"
-            for p in [Path.cwd(), *Path.cwd().parents]
-            if (p / "shared" / "data").is_dir()
-        ),
-        None,
-    )
-DATA_DIR = Path(DATA_DIR) if DATA_DIR is not None and Path(DATA_DIR).is_dir() else None
+DATA_DIR = find_sample_data(DATA_DIR)
 print(
     f"universal {universal.__version__} | real CTs: {DATA_DIR or 'not found - using the synthetic phantom'}"
 )

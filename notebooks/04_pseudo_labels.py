@@ -36,14 +36,11 @@
 # %% tags=["parameters"]
 QUICK = True  # CI-sized run: short teacher and student training (False: about 3x longer, plus a real CT)
 WORK_DIR = None  # where datasets, runs and pseudo-labels are written; None = a temporary folder
-DATA_DIR = (
-    None  # real CTs (used when QUICK is False); None = $UNIVERSAL_SHARED_DATA or the nearest shared/data
-)
+DATA_DIR = None  # real CTs (used when QUICK is False); None = $UNIVERSAL_DATA_DIR or the nearest shared/data
 STUDENT_FROM_SCRATCH = False  # False: the student starts from the teacher's weights (a cheaper second round)
 
 # %%
 import json
-import os
 import tempfile
 import time
 import warnings
@@ -55,26 +52,16 @@ import pandas as pd
 
 import universal
 from universal import data, pseudo, viz
+from universal.data import find_sample_data
 from universal.train import train
 
 warnings.filterwarnings("ignore", message=".*thick slices.*")  # 8 mm phantoms on purpose
 WORK_DIR = Path(WORK_DIR) if WORK_DIR is not None else Path(tempfile.mkdtemp(prefix="universal-nb04-"))
 WORK_DIR.mkdir(parents=True, exist_ok=True)
 
-# where the real CTs are: the DATA_DIR parameter, else $UNIVERSAL_SHARED_DATA, else the first shared/data found
+# where the real CTs are: the DATA_DIR parameter, else $UNIVERSAL_DATA_DIR, else the first shared/data found
 # walking up from this notebook's folder (the repository keeps them in ../shared/data beside the project)
-if DATA_DIR is None:
-    DATA_DIR = os.environ.get("UNIVERSAL_SHARED_DATA")
-if DATA_DIR is None:
-    DATA_DIR = next(
-        (
-            p / "shared" / "data"
-            for p in [Path.cwd(), *Path.cwd().parents]
-            if (p / "shared" / "data").is_dir()
-        ),
-        None,
-    )
-DATA_DIR = Path(DATA_DIR) if DATA_DIR is not None and Path(DATA_DIR).is_dir() else None
+DATA_DIR = find_sample_data(DATA_DIR)
 print(
     f"universal {universal.__version__} | real CTs: {DATA_DIR or 'not found - using the synthetic phantom'}"
 )

@@ -33,7 +33,7 @@
 
 # %% tags=["parameters"]
 QUICK = True  # CI-sized run (one 3 mm scan; False adds a second inference to time a warm model)
-DATA_DIR = None  # folder with the real CTs; None = $UNIVERSAL_SHARED_DATA or the nearest shared/data above
+DATA_DIR = None  # folder with the real CTs; None = $UNIVERSAL_DATA_DIR or the nearest shared/data above
 CASE = (
     "ts_abdomen_3mm"  # or "ts_dicom_series" (a real 20-slice DICOM series, 512 x 512, held out from training)
 )
@@ -44,7 +44,6 @@ import os
 import resource
 import time
 import warnings
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -52,21 +51,11 @@ import pandas as pd
 
 import universal
 from universal import metrics, viz
+from universal.data import find_sample_data
 
-# where the real CTs are: the DATA_DIR parameter, else $UNIVERSAL_SHARED_DATA, else the first shared/data found
+# where the real CTs are: the DATA_DIR parameter, else $UNIVERSAL_DATA_DIR, else the first shared/data found
 # walking up from this notebook's folder (the repository keeps them in ../shared/data beside the project)
-if DATA_DIR is None:
-    DATA_DIR = os.environ.get("UNIVERSAL_SHARED_DATA")
-if DATA_DIR is None:
-    DATA_DIR = next(
-        (
-            p / "shared" / "data"
-            for p in [Path.cwd(), *Path.cwd().parents]
-            if (p / "shared" / "data").is_dir()
-        ),
-        None,
-    )
-DATA_DIR = Path(DATA_DIR) if DATA_DIR is not None and Path(DATA_DIR).is_dir() else None
+DATA_DIR = find_sample_data(DATA_DIR)
 print(
     f"universal {universal.__version__} | real CTs: {DATA_DIR or 'not found - using the synthetic phantom'}"
 )

@@ -62,8 +62,11 @@ def test_dashboard_config_from_the_environment_or_the_repository_layout(tmp_path
     assert layout.app == (project / "app.py").resolve()
     assert layout.data_dir == (tmp_path / "shared" / "data").resolve()
     env = {al.DATA_DIR_ENV: str(tmp_path / "elsewhere"), al.APP_ENV: str(tmp_path / "my_app.py")}
+    with pytest.warns(UserWarning, match="elsewhere.*does not exist"):  # a configured folder that is missing
+        assert al.DashboardConfig.from_env(project, environ=env).data_dir is None  # is said, never ignored
+    (tmp_path / "elsewhere").mkdir()
     configured = al.DashboardConfig.from_env(project, environ=env)  # configuration wins over the layout
-    assert configured.data_dir == tmp_path / "elsewhere" and configured.app == tmp_path / "my_app.py"
+    assert configured.data_dir == (tmp_path / "elsewhere").resolve() and configured.app == tmp_path / "my_app.py"
     monkeypatch.chdir(project)  # without a project root: the current folder
     assert al.DashboardConfig.from_env(environ={}).app == (project / "app.py").resolve()
 

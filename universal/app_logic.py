@@ -27,17 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from universal import prompts
+from universal import data, prompts
 from universal.errors import CheckpointError, InputError
 
 APP_ENV = "UNIVERSAL_APP"
 """Environment variable: the dashboard's Streamlit script (``app.py``) for ``universal demo``."""
 
-DATA_DIR_ENV = "UNIVERSAL_DATA_DIR"
+DATA_DIR_ENV = data.DATA_DIR_ENV
 """Environment variable: the folder holding the real samples' folders (``ts_abdomen_3mm/``, ``ts_dicom_series/``)."""
-
-REPOSITORY_DATA_DIR = Path("..") / "shared" / "data"
-"""The repository layout's sample folder, relative to a project root (one default of :class:`DashboardConfig`)."""
 
 DEMO_MODEL = "demo"
 """Key of the untrained demo model (random weights) offered when no trained weights are available."""
@@ -70,17 +67,18 @@ class DashboardConfig:
         cls, project_root: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None
     ) -> DashboardConfig:
         """``$UNIVERSAL_APP`` / ``$UNIVERSAL_DATA_DIR`` when set; else the repository layout under
-        ``project_root`` (default: the current folder): ``app.py`` and ``../shared/data``, each ``None`` when absent.
+        ``project_root`` (default: the current folder): ``app.py``, and ``shared/data`` found walking up from it
+        (:func:`universal.data.find_sample_data`), each ``None`` when absent.
 
-        >>> config = DashboardConfig.from_env("/nonexistent", environ={"UNIVERSAL_DATA_DIR": "/data/samples"})
+        >>> config = DashboardConfig.from_env("/nonexistent", environ={"UNIVERSAL_DATA_DIR": "/"})
         >>> config.app, config.data_dir.as_posix()
-        (None, '/data/samples')
+        (None, '/')
         """
         env = os.environ if environ is None else environ
         root = Path.cwd() if project_root is None else Path(project_root)
         return cls(
             app=_configured(env.get(APP_ENV), root / "app.py", Path.is_file),
-            data_dir=_configured(env.get(DATA_DIR_ENV), root / REPOSITORY_DATA_DIR, Path.is_dir),
+            data_dir=data.find_sample_data(start=root, environ=env),
         )
 
 

@@ -74,6 +74,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from universal.taxonomy import DatasetLabelMap
 
 __all__ = [
+    "DATA_DIR_ENV",
+    "find_sample_data",
     "Case",
     "Manifest",
     "PatchDataset",
@@ -91,6 +93,55 @@ __all__ = [
     "write_manifest",
     "write_phantom_dataset",
 ]
+
+#: environment variable naming the folder of the real sample CTs (tutorials, dashboard, benchmarks)
+DATA_DIR_ENV = "UNIVERSAL_DATA_DIR"
+
+
+def find_sample_data(
+    explicit: str | os.PathLike | None = None,
+    *,
+    start: str | os.PathLike | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Path | None:
+    """The folder of the real sample CTs, or ``None`` when there is none (callers then use the phantom).
+
+    In order: ``explicit`` (a notebook parameter, a CLI option), ``$UNIVERSAL_DATA_DIR``, else the first
+    ``shared/data`` folder found walking up from ``start`` (default: the current folder) — the repository layout,
+    where the data live in ``../shared/data`` beside the project. A named folder that does not exist gives ``None``
+    with a warning saying so (never a silent fallback).
+
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     find_sample_data("/no/such/folder", environ={}) is None
+    True
+    """
+    env = os.environ if environ is None else environ
+    named = explicit if explicit is not None else env.get(DATA_DIR_ENV)
+    if named:
+        path = Path(named).expanduser()
+        if path.is_dir():
+            return path.resolve()
+        from universal.errors import InputWarning
+
+        source = "given" if explicit is not None else f"${DATA_DIR_ENV}"
+        warnings.warn(
+            f"the sample data folder {str(path)!r} ({source}) does not exist; no real samples",
+            InputWarning,
+            stacklevel=2,
+        )
+        return None
+    here = Path.cwd() if start is None else Path(start).resolve()
+    return next(
+        (
+            (p / "shared" / "data").resolve()
+            for p in (here, *here.parents)
+            if (p / "shared" / "data").is_dir()
+        ),
+        None,
+    )
+
 
 MANIFEST_VERSION = 1
 _IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".zip", ".dcm")
