@@ -113,11 +113,15 @@ with st.sidebar:
     else:
         path = st.text_input(T["server_path"], key="server_path", placeholder=T["path_example"]).strip()
         ref = dash.InputRef("path", path) if path else None
+    if series := dash.series_choices(state.input, ref):  # a DICOM folder / zip with several CT series
+        ref = dash.with_series(ref, state.input, st.selectbox("DICOM series", *series))
 
 if state.input.id != (ref.id if ref else None):  # a new input: the state clears what came from the old one
     state.set_input(dash.load_input(ref, state.ensure_folder(), limit_mb, _sample))
     if state.input.volume is not None:
         ss["classes"] = dash.initial_classes(state.input)
+    if dash.after_new_input(ss, state.input, ref):  # sliders start again; a series choice is drawn at once
+        st.rerun()
 inp, volume = state.input, state.input.volume
 
 # ========================================================================================== sidebar: controls

@@ -17,20 +17,54 @@
 # # 2 · Prompts, text embeddings and the text-driven controller
 #
 # The Universal Model does not have one output channel per class. It has **one tiny segmentation head per class
-# whose weights are computed from a text prompt**:
+# whose weights are computed from a text prompt**. Because related classes get related sentences, a text encoder
+# can put them close together - the paper's argument for CLIP embeddings over one-hot labels.
 #
-# 1. a **template** turns a class into a sentence: *"A computerized tomography of a Liver Tumor"*;
-# 2. a **text encoder** turns the sentence into an embedding `w_k` (`universal.prompts`);
-# 3. the **controller** maps `[f ⊕ w_k]` (the global image feature and the embedding) to the 153 parameters of
-#    three 1×1×1 convolutions (8→8, 8→8, 8→1), which turn the shared dense features `F` into the class's logits.
+# **What you will learn**
 #
-# Because related classes get related sentences, the encoder can put them close together - the paper's argument for
-# CLIP over one-hot labels. This notebook looks at templates, four encoders (MiniLM live, CLIP when its weights are
-# available, the official CLIP table, one-hot), their similarity structure, and the controller of a real model.
+# 1. how a template turns a class into a prompt, and what a text encoder makes of it (MiniLM live, CLIP when its
+#    weights are available, the official CLIP table, one-hot);
+# 2. how to compare embeddings by cosine similarity - between classes and between templates;
+# 3. how the controller turns an embedding and the image into the 153 parameters of a class's head, step by step
+#    through a real model, and how to evaluate that head by hand;
+# 4. that the prompt is part of the model: another template changes every head.
+#
+# ## The step in equations
+#
+# A template turns class $c_k$ into a sentence $t_k$ (*"A computerized tomography of a Liver Tumor"*), and the text
+# encoder turns the sentence into an embedding $w_k = \mathrm{TextEncoder}(t_k) \in \mathbb{R}^{D}$ ($D = 512$ for
+# CLIP ViT-B/32, 384 for MiniLM). Embeddings are compared by their **cosine similarity**
+#
+# $$\cos(w_i, w_j) = \frac{w_i^\top w_j}{\lVert w_i \rVert\, \lVert w_j \rVert}.$$
+#
+# For a CT patch $x$ the vision branch gives dense features $F \in \mathbb{R}^{8 \times X \times Y \times Z}$ (full
+# resolution) and a global image feature $f = \mathrm{GAP}(\text{bottleneck}(x)) \in \mathbb{R}^{256}$. The
+# **text-driven controller** maps the class embedding and the image feature to the parameters of class $k$'s head,
+#
+# $$\theta_k = \mathrm{controller}\big([\, w_k \,;\, f \,]\big) = (\theta_k^1, \theta_k^2, \theta_k^3),$$
+#
+# and the head is three 1×1×1 convolutions (8→8, 8→8, 8→1, with biases: $72 + 72 + 9 = 153$ numbers) followed by a
+# sigmoid, one-vs-all:
+#
+# $$P_k = \sigma\Big(\mathrm{conv}_3\big(\mathrm{ReLU}(\mathrm{conv}_2(\mathrm{ReLU}(\mathrm{conv}_1(F;\,
+#   \theta_k^1));\, \theta_k^2));\, \theta_k^3\big)\Big).$$
+#
+# In the official code, and here, the embedding first goes through a linear layer and a ReLU to 256-d, and the image
+# feature comes first: $\theta_k = \mathrm{controller}([\, f \,;\, \mathrm{ReLU}(\mathrm{text\_to\_vision}(w_k))
+# \,])$, where the controller is a linear map 512 → 153 (the order only matters for loading the official weights).
+#
+# The paper, its FLARE 2023 version and a table of how this toolkit's defaults differ from them are in notebook 1
+# and in `notebooks/README.md`: J. Liu, Y. Zhang, J.-N. Chen, J. Xiao, Y. Lu, B. A. Landman, Y. Yuan, A. Yuille,
+# Y. Tang, Z. Zhou, *CLIP-Driven Universal Model for Organ Segmentation and Tumor Detection*, ICCV 2023. Below,
+# section 2.4 reads this toolkit's column of that table from the built-in model itself.
+#
+# Runs top to bottom on a laptop CPU in well under a minute. Exercises at the end: write `answer_N`, run the check
+# cell; the folded solution cells fill in the answers when `RUN_SOLUTIONS = True`.
 
 # %% tags=["parameters"]
 QUICK = True  # CI-sized run (this notebook is small either way)
 DATA_DIR = None  # folder with the real CTs; None = $UNIVERSAL_DATA_DIR or the nearest shared/data above
+RUN_SOLUTIONS = False  # True: the solution cells fill in the answers of the exercises
 
 # %%
 import copy
@@ -38,12 +72,13 @@ import time
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 
 import universal
 from universal import prompts, taxonomy, viz
 from universal.data import find_sample_data
-from universal.errors import EncoderUnavailableError
+from universal.errors import EncoderUnavailableError, InputError
 from universal.model import dynamic_heads, split_controller_params
 from universal.preprocess import PreprocessConfig, preprocess  # the preprocessing segment() uses
 
@@ -62,6 +97,28 @@ def rgb(name):
     return tuple(c / 255 for c in universal.resolve_class(name).color)
 
 
+def heatmap(
+    ax, m, labels, title, col_labels=None, vmin=None, vmax=1.0, cmap="viridis", cbar="cosine similarity"
+):
+    """Draw a matrix with a colour bar; class names are written on their class colour, in black or white.
+
+    ``col_labels``: the column classes (None: the same as the rows; an empty list: no column labels).
+    """
+    im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="auto")
+    cols = list(labels if col_labels is None else col_labels)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    if cols:
+        ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=7)
+    for tick, n in [*zip(ax.get_yticklabels(), labels), *zip(ax.get_xticklabels() if cols else [], cols)]:
+        color = rgb(n)
+        light = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2] > 0.55
+        tick.set_color("black" if light else "white")
+        tick.set_bbox({"facecolor": color, "edgecolor": "none", "pad": 0.6})
+    ax.set_title(title)
+    plt.colorbar(im, ax=ax, shrink=0.8, label=cbar)
+    return im
+
+
 REFERENCE_DIR = DATA_DIR.parent / "reference" if DATA_DIR is not None else None
 print("embedding cache:", prompts.default_cache_dir())
 
@@ -69,24 +126,29 @@ print("embedding cache:", prompts.default_cache_dir())
 # ## 2.1 Templates
 #
 # `prompts.TEMPLATES` holds the paper's three templates (the paper uses `ct`) and the bare class name.
-# `format_prompt` fills in the class's correctly spelled `prompt_name`; a free text without `{}` gets the class name
-# appended.
+# `format_prompt` fills in the class's correctly spelled `prompt_name`. Your own template is any text with `{}`
+# where the class name goes; a text without `{}` (or a misspelt key) is refused with an `InputError` that says so.
 
 # %%
 for key, template in prompts.TEMPLATES.items():
     print(f"{key:9} {template!r:48} -> {prompts.format_prompt(template, 'IVC')!r}")
 print()
-print(prompts.resolve_template("Contrast-enhanced abdominal CT showing"))
+print(prompts.format_prompt("Contrast-enhanced abdominal CT showing the {}", "IVC"))
+try:
+    prompts.resolve_template("Contrast-enhanced abdominal CT showing")
+except InputError as err:
+    print("InputError:", err)
 
 # %% [markdown]
 # ## 2.2 MiniLM, live
 #
-# `encode_prompts(classes, template, encoder)` returns a `(K, D)` float32 array, one row per class. MiniLM
+# `encode_prompts(classes, template, encoder)` returns a `(K, D)` float32 array, one row $w_k$ per class. MiniLM
 # (all-MiniLM-L6-v2, 384-d, shipped inside a pip package) runs offline. Rows are cached on disk, one `.npy` per
-# (encoder, template, class), so the second call runs no text model at all.
+# (encoder, template, class), so a second call - in this kernel or in a later run - runs no text model at all.
 
 # %%
 names = taxonomy.class_names()
+rows_before = len(list(prompts.default_cache_dir().rglob("*.npy")))
 t0 = time.perf_counter()
 emb_minilm = universal.encode_prompts(names, template="ct", encoder="minilm")
 t_first = time.perf_counter() - t0
@@ -96,13 +158,19 @@ t_cached = time.perf_counter() - t0
 cache_files = sorted(
     prompts.default_cache_dir().rglob("*.npy")
 )  # one small .npy per (encoder, template, class)
+computed = len(cache_files) - rows_before
 print(
     f"shape {emb_minilm.shape}, dtype {emb_minilm.dtype}; row norms {np.linalg.norm(emb_minilm, axis=1).round(3)[:4]}..."
 )
-print(
-    f"first call {t_first:.2f} s (loads the model), cached call {t_cached * 1000:.1f} ms; "
-    f"{len(cache_files)} cached rows"
-)
+if computed:
+    print(
+        f"first call {t_first:.2f} s: MiniLM loaded and {computed} rows computed, then written to the disk cache"
+    )
+else:
+    print(
+        f"first call {t_first * 1000:.1f} ms: every row was already in the disk cache (an earlier run wrote it)"
+    )
+print(f"second call {t_cached * 1000:.1f} ms, from the cache; {len(cache_files)} cached rows in all")
 
 # %% [markdown]
 # ### Similarity between classes
@@ -113,22 +181,8 @@ print(
 
 # %%
 sim_minilm = prompts.prompt_similarity(emb_minilm)
-
-
-def heatmap(ax, m, labels, title, vmin=None):
-    im = ax.imshow(m, cmap="viridis", vmin=vmin, vmax=1.0)
-    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
-    ax.set_yticks(range(len(labels)), labels, fontsize=6)
-    for t, n in zip(ax.get_yticklabels(), labels):
-        t.set_color(rgb(n) if n in names else "black")
-    ax.set_title(title)
-    return im
-
-
-fig, ax = plt.subplots(figsize=(8, 7))
-plt.colorbar(
-    heatmap(ax, sim_minilm, names, "MiniLM: cosine similarity of the 32 'ct' prompts"), ax=ax, shrink=0.7
-)
+fig, ax = plt.subplots(figsize=(9, 7.5))
+heatmap(ax, sim_minilm, names, "MiniLM: cosine similarity of the 32 'ct' prompts")
 plt.tight_layout()
 plt.show()
 
@@ -145,8 +199,9 @@ for a, b, s in closest_pairs(sim_minilm):
     print(f"  {a:24} {b:24} {s}")
 
 # %% [markdown]
-# The same matrix as an interactive plotly figure (`viz.similarity_heatmap`, also used by the dashboard) - hover to
-# read the pairs:
+# The same matrix as an interactive plotly figure (`viz.similarity_heatmap`, also used by the dashboard): hover to
+# read the pairs. Plotly figures need JavaScript - GitHub and other static viewers show nothing for them, which is
+# why the static matplotlib figure of the same matrix comes right above.
 
 # %%
 fig = viz.similarity_heatmap(sim_minilm, names, title="MiniLM, template 'ct'", height=560)
@@ -157,7 +212,8 @@ fig.show()
 #
 # Does the template matter? Encode all classes with each template and compare *across* templates: entry (i, j) of
 # `prompt_similarity(E_ct, E_photo)` compares class i written one way with class j written the other way. A strong
-# diagonal means the class name, not the template, dominates the embedding.
+# diagonal means the class name, not the template, dominates the embedding. The right panel summarises each pair of
+# templates by *same-class minus other-class* similarity: the mean of the diagonal minus the mean off the diagonal.
 
 # %%
 template_keys = ["ct", "photo", "there_is", "name"]
@@ -170,14 +226,23 @@ for i, a in enumerate(template_keys):
         s = prompts.prompt_similarity(emb_by_template[a], emb_by_template[b])
         summary[i, j] = np.diag(s).mean() - s[~np.eye(len(names), dtype=bool)].mean()
 
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.5), width_ratios=[1.6, 1])
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 6), width_ratios=[1.6, 1])
 heatmap(ax1, cross, names, "'ct' prompts (rows) vs 'photo' prompts (columns)")
 im = ax2.imshow(summary, cmap="magma")
 ax2.set_xticks(range(4), template_keys)
 ax2.set_yticks(range(4), template_keys)
 for (i, j), v in np.ndenumerate(summary):
-    ax2.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < summary.max() / 2 else "k")
-ax2.set_title("same-class minus other-class similarity\n(higher: classes stay apart across templates)")
+    r, g, b, _ = im.cmap(im.norm(v))  # write on the square's own colour: black on light, white on dark
+    ax2.text(
+        j,
+        i,
+        f"{v:.2f}",
+        ha="center",
+        va="center",
+        color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white",
+    )
+plt.colorbar(im, ax=ax2, shrink=0.8, label="same-class minus other-class similarity")
+ax2.set_title("how well classes stay apart across two templates\n(higher: the class name dominates)")
 plt.tight_layout()
 plt.show()
 print(
@@ -188,9 +253,10 @@ print(
 # ## 2.3 CLIP - the paper's encoder
 #
 # `encoder="clip"` is open_clip's ViT-B/32 with OpenAI weights, as in the paper. The weights are downloaded once;
-# here the machine is **offline**, so the encoder raises `EncoderUnavailableError` - a project error whose message
-# says what to do (use `minilm`, a precomputed `table:`, `onehot`, or fetch the weights once). We catch it and carry
-# on. (Set `HF_HUB_OFFLINE=1` to make the offline check instantaneous instead of a 5-second network probe.)
+# on a machine that is **offline** and has never fetched them, the encoder raises `EncoderUnavailableError` - a
+# project error whose message says what to do (use `minilm`, a precomputed `table:`, `onehot`, or fetch the weights
+# once). We catch it and carry on. (Set `HF_HUB_OFFLINE=1` to make the offline check instantaneous instead of a
+# network probe of a few seconds.)
 
 # %%
 emb_clip, clip_error = None, None
@@ -218,8 +284,8 @@ if table_path is not None and table_path.is_file():
     sim_table = prompts.prompt_similarity(emb_table)
     iu = np.triu_indices(len(names), 1)
     agreement = float(np.corrcoef(sim_table[iu], sim_minilm[iu])[0, 1])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.5), width_ratios=[1.4, 1])
-    heatmap(ax1, sim_table, names, "official CLIP table: cosine similarity")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 6), width_ratios=[1.5, 1])
+    heatmap(ax1, sim_table, names, "official CLIP table: cosine similarity", vmin=float(sim_table.min()))
     ax2.scatter(sim_minilm[iu], sim_table[iu], s=6, alpha=0.5)
     ax2.set_xlabel("MiniLM similarity of a class pair")
     ax2.set_ylabel("CLIP similarity of the same pair")
@@ -247,21 +313,51 @@ print(emb_onehot.shape, "identity similarity:", np.array_equal(sim_onehot, np.ey
 # %% [markdown]
 # ## 2.4 From an embedding to a segmentation head: the controller
 #
-# We take the project's built-in model (`universal.load_pretrained("builtin")`: SegResNet, MiniLM prompts; its
-# weights are a small, weak model trained in minutes, which does not matter for looking at the mechanics) and run one
-# CT patch through it step by step:
-#
-# * backbone → bottleneck features → `GAP` → global image feature `f` (256);
-# * backbone → decoder features → `precls_conv` → dense head input `F` (8 channels at full resolution);
-# * `controller_params(f)`: for each class, `controller([f, relu(text_to_vision(w_k))])` → 153 numbers;
-# * `split_controller_params` → the weights and biases of the three 1×1×1 convolutions;
-# * `dynamic_heads(F, θ)` → the logits of all classes at once.
+# We take the project's built-in model (`universal.load_pretrained("builtin")`; its weights are a small, weak model
+# trained in minutes, which does not matter for looking at the mechanics). First, how it differs from the paper -
+# this toolkit's column is read from the model's own spec, not typed:
 
 # %%
 model = universal.load_pretrained("builtin").eval()
+spec = model.spec
+n_parameters = sum(p.numel() for p in model.parameters())
+paper_vs_toolkit = pd.DataFrame(
+    {
+        "paper (ICCV 2023, official release)": {
+            "backbone": "Swin UNETR (62.6 M) or U-Net (19.4 M)",
+            "text encoder": "CLIP ViT-B/32, 512-d",
+            "template": "A computerized tomography of a {}",
+            "voxel spacing (mm)": "1.5 isotropic",
+            "HU window": "[-175, 250]",
+            "sliding window, overlap": "96×96×96, 0.5",
+            "classes": "32 (25 organs, 6 tumours, kidney cyst)",
+        },
+        "this model (model.spec)": {
+            "backbone": f"{spec.backbone} ({n_parameters / 1e6:.1f} M)",
+            "text encoder": f"{spec.encoder}, {spec.embed_dim}-d",
+            "template": spec.template,
+            "voxel spacing (mm)": " × ".join(f"{s:g}" for s in spec.preprocessing.spacing_mm),
+            "HU window": str(list(spec.preprocessing.hu_window)),
+            "sliding window, overlap": "×".join(map(str, spec.inference.patch_size))
+            + f", {spec.inference.overlap:g}",
+            "classes": f"{len(spec.classes)} of the 32",
+        },
+    }
+)
+paper_vs_toolkit
+
+# %% [markdown]
+# Now one CT patch through the model, step by step - the equations of the introduction, in code:
+#
+# * backbone → bottleneck features → `GAP` → global image feature `f` (256);
+# * backbone → decoder features → `precls_conv` → dense head input `F` (8 channels at full resolution);
+# * `controller_params(f)`: for each class, `controller([f, relu(text_to_vision(w_k))])` → θ_k, 153 numbers;
+# * `split_controller_params` → the weights and biases of the three 1×1×1 convolutions (θ_k¹, θ_k², θ_k³);
+# * `dynamic_heads(F, θ)` → the logits of all classes at once (the sigmoid comes outside the model).
+
+# %%
 print(model.extra_repr())
 print("classes:", model.class_names)
-print("template:", repr(model.template), "| preprocessing:", model.spec.preprocessing)
 
 ph = universal.make_phantom(shape=(64, 64, 48), spacing=(3.0, 3.0, 3.0), seed=0)
 
@@ -276,32 +372,20 @@ with torch.no_grad():
     logits_heads = dynamic_heads(F, theta)
     logits_forward = model(x)
 print(f"f {tuple(f.shape)}, F {tuple(F.shape)}, theta {tuple(theta.shape)}")
-print(
-    "head of one class: w1",
-    tuple(w1.shape[2:]),
-    "w2",
-    tuple(w2.shape[2:]),
-    "w3",
-    tuple(w3.shape[2:]),
-    "b1",
-    tuple(b1.shape[2:]),
-    "b2",
-    tuple(b2.shape[2:]),
-    "b3",
-    tuple(b3.shape[2:]),
-    "=",
-    8 * 8 + 8 * 8 + 8 + 8 + 8 + 1,
-    "numbers",
-)
+shapes = {
+    n: tuple(t.shape[2:]) for n, t in zip(["w1", "w2", "w3", "b1", "b2", "b3"], [w1, w2, w3, b1, b2, b3])
+}
+print("head of one class:", shapes, "=", sum(int(np.prod(s)) for s in shapes.values()), "numbers")
 same = torch.allclose(logits_heads, logits_forward, atol=1e-5)
 print("dynamic_heads(F, θ) reproduces model(x):", same)
 
 # %% [markdown]
-# The controller output is `θ_k = A·f + B·relu(text_to_vision(w_k)) + c`: the image part `A·f` is **shared** by all
-# classes of one image, so what makes the heads differ is the text part. Below: θ_k minus the mean head over classes
-# (the class-specific part), and how the similarity of two prompts relates to the similarity of their heads - for
-# the trained model and for the same architecture freshly initialised (a random linear map keeps similar prompts
-# similar; training moves heads apart where the anatomy needs it).
+# Because the controller is linear, $\theta_k = A f + B\,\mathrm{ReLU}(\mathrm{text\_to\_vision}(w_k)) + c$: the
+# image part $A f$ is **shared** by all classes of one image, so what makes the heads differ is the text part.
+# Below: $\theta_k$ minus the mean head over classes (the class-specific part), and how the similarity of two
+# prompts relates to the similarity of their heads - for the trained model and for the same architecture freshly
+# initialised (a random linear map keeps similar prompts similar; training moves heads apart where the anatomy
+# needs it).
 
 # %%
 th = theta[0].numpy()
@@ -318,16 +402,24 @@ sim_fresh = prompts.prompt_similarity(th_fresh - th_fresh.mean(axis=0))[iu]
 r_params = float(np.corrcoef(sim_e[iu], sim_trained)[0, 1])
 r_fresh = float(np.corrcoef(sim_e[iu], sim_fresh)[0, 1])
 
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4.8), width_ratios=[2.2, 1])
-lim = np.percentile(np.abs(specific), 99)
-ax1.imshow(specific, aspect="auto", cmap="coolwarm", vmin=-lim, vmax=lim, interpolation="nearest")
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5), width_ratios=[2.4, 1])
+lim = float(np.percentile(np.abs(specific), 99))
+heatmap(
+    ax1,
+    specific,
+    model.class_names,
+    "θ_k minus the mean head: the class-specific part of each head (trained model)",
+    col_labels=[],
+    vmin=-lim,
+    vmax=lim,
+    cmap="coolwarm",
+    cbar="parameter value (colours clipped at the 99th percentile)",
+)
 for b in np.cumsum([64, 64, 8, 8, 8]):
     ax1.axvline(b - 0.5, color="k", lw=0.8)
-ax1.set_yticks(range(model.num_classes), model.class_names, fontsize=7)
-for t, n in zip(ax1.get_yticklabels(), model.class_names):
-    t.set_color(rgb(n))
-ax1.set_xlabel("w1 (64) | w2 (64) | w3 (8) | b1 (8) | b2 (8) | b3 (1)")
-ax1.set_title("θ_k minus the mean head: the class-specific part of each head (trained model)")
+ax1.set_xticks(
+    [32, 96, 132, 140, 148, 152.5], ["w1 (64)", "w2 (64)", "w3 (8)", "b1 (8)", "b2 (8)", "b3"], fontsize=7
+)
 ax2.scatter(sim_e[iu], sim_fresh, s=8, label=f"freshly initialised (r = {r_fresh:.2f})", alpha=0.7)
 ax2.scatter(sim_e[iu], sim_trained, s=8, label=f"trained built-in (r = {r_params:.2f})", alpha=0.7)
 ax2.set_xlabel("prompt similarity of a class pair")
@@ -340,8 +432,7 @@ plt.show()
 # ### The prompt is part of the model
 #
 # Re-encoding the prompts with another template (`set_prompts`) changes every head without touching a single
-# trained weight. Models are trained with one template; a different one at inference is an *input shift*
-# (exercise 3 measures it on a CT).
+# trained weight. Models are trained with one template; a different one at inference is an *input shift*.
 
 # %%
 photo_model = copy.deepcopy(model).set_prompts(template="photo")
@@ -356,27 +447,162 @@ print(f"max |Δ logit| over the patch: {float((logits_photo - logits_forward).ab
 # %% [markdown]
 # ## Exercises
 #
-# 1. Write your own template (e.g. `"Contrast-enhanced CT of the {}"`) and compute its `ct`-vs-yours diagonal
-#    similarity with MiniLM. Is it closer to `ct` than `photo` is?
-# 2. Which class pairs are among the five most similar for **both** MiniLM and the official CLIP table? Which pair
-#    does CLIP find similar but MiniLM does not?
-# 3. Segment the phantom with the built-in model under the `ct` and the `photo` template
-#    (`universal.segment(ph.volume, model=model, template="photo", fast=True)`) and compare the liver volumes.
+# Write each answer into its `answer_N = ...` cell and run the check cell below it. The solution cells (folded)
+# fill in the answers only when `RUN_SOLUTIONS = True`.
+#
+# **Exercise 1.** Which of these templates gives MiniLM embeddings closest to the `ct` template - measured as the
+# mean same-class similarity `np.diag(prompts.prompt_similarity(E_ct, E_t)).mean()`? Set `answer_1` to the key or
+# the text of the winner. Does medical wording ("Contrast-enhanced CT of the {}") beat a sentence that only shares
+# its words with `ct`?
+
+# %%
+candidate_templates = ["photo", "there_is", "name", "Contrast-enhanced CT of the {}"]
+
+# %% tags=["exercise"]
+answer_1 = None  # your answer here
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if RUN_SOLUTIONS:
+    closeness = {
+        t: float(
+            np.diag(
+                prompts.prompt_similarity(
+                    emb_by_template["ct"], universal.encode_prompts(names, template=t, encoder="minilm")
+                )
+            ).mean()
+        )
+        for t in candidate_templates
+    }
+    print({t: round(v, 3) for t, v in closeness.items()})
+    answer_1 = max(closeness, key=closeness.get)
+
+# %% tags=["check"]
+if answer_1 is None:
+    print("exercise 1: not answered yet")
+else:
+    scores = {
+        prompts.resolve_template(t): float(
+            np.diag(
+                prompts.prompt_similarity(
+                    emb_by_template["ct"], universal.encode_prompts(names, template=t, encoder="minilm")
+                )
+            ).mean()
+        )
+        for t in candidate_templates
+    }
+    best = max(scores, key=scores.get)
+    given = prompts.resolve_template(answer_1)
+    assert given == best, (
+        f"{given!r} scores {scores.get(given, float('nan')):.3f} against 'ct', but {best!r} scores "
+        f"{scores[best]:.3f}: pick the highest mean same-class similarity among candidate_templates"
+    )
+    print("exercise 1: correct")
 
 # %% [markdown]
-# <details><summary>Solution (click to open)</summary>
-#
-# 1. `mine = universal.encode_prompts(names, template="Contrast-enhanced CT of the {}", encoder="minilm")`, then
-#    `np.diag(prompts.prompt_similarity(emb_by_template["ct"], mine)).mean()` and compare with
-#    `np.diag(cross).mean()`. Medical wording usually stays closer to `ct` than `photo` does.
-# 2. `set(p[:2] for p in closest_pairs(sim_minilm, 5)) & set(p[:2] for p in closest_pairs(sim_table, 5))`;
-#    left/right pairs are typically shared. Sort `sim_table[iu] - sim_minilm[iu]` to find the pair CLIP rates
-#    relatively higher.
-# 3. `a = universal.segment(ph.volume, model=model, fast=True)`, `b = universal.segment(ph.volume, model=model,
-#    template="photo", fast=True)`, then `a.volumes_ml["liver"], b.volumes_ml["liver"]`. The model was trained with
-#    `ct` prompts, so changing the template changes (usually degrades) the masks.
-#
-# </details>
+# **Exercise 2.** The paper argues that text embeddings capture anatomy: a tumour's prompt should be close to its
+# organ's. For each encoder, which of the 7 tumour classes (`kind == "tumor"`, the kidney cyst included) have one of
+# their **parent organs** (`resolve_class(c).parent`) as their most similar other class? Set `answer_2` to a dict
+# `{"minilm": set of tumour classes, "clip table": set of tumour classes}` (leave out `"clip table"` if the table
+# was not found).
+
+# %%
+encoders_to_compare = {"minilm": emb_minilm, "clip table": emb_table}
+tumour_classes = [c.name for c in taxonomy.CLASSES if c.kind == "tumor"]
+
+# %% tags=["exercise"]
+answer_2 = None  # your answer here
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if RUN_SOLUTIONS:
+    answer_2 = {}
+    for enc, emb in encoders_to_compare.items():
+        if emb is None:
+            continue
+        sim = prompts.prompt_similarity(emb)
+        np.fill_diagonal(sim, -np.inf)  # a class is not its own neighbour
+        nearest = {c: names[int(np.argmax(sim[names.index(c)]))] for c in tumour_classes}
+        print(enc, nearest)
+        answer_2[enc] = {c for c, n in nearest.items() if n in universal.resolve_class(c).parent}
+
+# %% tags=["check"]
+if answer_2 is None:
+    print("exercise 2: not answered yet")
+else:
+    for enc, emb in encoders_to_compare.items():
+        if emb is None:
+            continue
+        sim = prompts.prompt_similarity(emb) - 2 * np.eye(
+            len(names)
+        )  # push each class's self-similarity away
+        expected = {
+            c
+            for c in tumour_classes
+            if names[int(np.argmax(sim[names.index(c)]))] in universal.resolve_class(c).parent
+        }
+        assert enc in answer_2, f"answer_2 has no entry for {enc!r}"
+        given = {universal.resolve_class(c).name for c in answer_2[enc]}
+        assert given == expected, (
+            f"{enc}: missing {sorted(expected - given)}, wrongly included {sorted(given - expected)} - exclude each "
+            "class itself, then compare its most similar class with resolve_class(c).parent"
+        )
+    print("exercise 2: correct")
+
+# %% [markdown]
+# **Exercise 3.** Evaluate the **liver** head by hand: apply the three 1×1×1 convolutions of the head equation to
+# the head input `F` with the liver's weights and biases from `w1, w2, w3, b1, b2, b3` (row = output channel; a
+# 1×1×1 convolution is a matrix product over channels, e.g. `torch.einsum("oc,cxyz->oxyz", W, F[0])`). Set
+# `answer_3` to the liver's logit map, a tensor of shape `(64, 64, 48)`. Then `torch.sigmoid(answer_3)` is $P_k$.
+
+# %% tags=["exercise"]
+answer_3 = None  # your answer here
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if RUN_SOLUTIONS:
+    k = model.class_names.index("liver")
+    with torch.no_grad():
+        h = torch.relu(torch.einsum("oc,cxyz->oxyz", w1[0, k], F[0]) + b1[0, k][:, None, None, None])
+        h = torch.relu(torch.einsum("oc,cxyz->oxyz", w2[0, k], h) + b2[0, k][:, None, None, None])
+        answer_3 = (torch.einsum("oc,cxyz->oxyz", w3[0, k], h) + b3[0, k][:, None, None, None])[0]
+
+# %% tags=["check"]
+if answer_3 is None:
+    print("exercise 3: not answered yet")
+else:
+    reference = logits_forward[0, model.class_names.index("liver")]
+    got = torch.as_tensor(answer_3).squeeze()
+    assert tuple(got.shape) == tuple(reference.shape), (
+        f"shape {tuple(got.shape)}, expected {tuple(reference.shape)}"
+    )
+    err = float((got - reference).abs().max())
+    assert err < 1e-4, (
+        f"your logits differ from model(x) by up to {err:.3g}: conv1 -> ReLU -> conv2 -> ReLU -> conv3, each with "
+        "its bias, and no sigmoid (the model returns logits)"
+    )
+    print("exercise 3: correct")
+
+# %% [markdown]
+# **Exercise 4.** When the template changes from `ct` to `photo`, which class's head changes the most (the largest
+# relative change of its 153 parameters, `change` above)? Set `answer_4` to its name.
+
+# %% tags=["exercise"]
+answer_4 = None  # your answer here
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if RUN_SOLUTIONS:
+    answer_4 = model.class_names[int(change[0].argmax())]
+
+# %% tags=["check"]
+if answer_4 is None:
+    print("exercise 4: not answered yet")
+else:
+    relative = ((theta_photo - theta).norm(dim=-1) / theta.norm(dim=-1))[0]
+    most = model.class_names[int(relative.argmax())]
+    given = universal.resolve_class(answer_4).name
+    assert given == most, (
+        f"{given!r} changes by {float(relative[model.class_names.index(given)]):.3f}, but {most!r} by "
+        f"{float(relative.max()):.3f} (relative norm of θ_photo - θ_ct)"
+    )
+    print("exercise 4: correct")
 
 # %% [markdown]
 # ## Checks
@@ -395,7 +621,11 @@ assert (clip_error is not None and "minilm" in str(clip_error)) or (
 assert emb_table is None or emb_table.shape == (32, 512)
 assert np.array_equal(sim_onehot, np.eye(32, dtype=np.float32))
 assert theta.shape == (1, model.num_classes, 153) and same
+assert sum(int(np.prod(s)) for s in shapes.values()) == 153
 assert r_fresh > 0.3 and float(change.min()) > 0  # similar prompts -> similar heads at initialisation
+# the toolkit column of the paper-vs-toolkit table in notebook 1 and notebooks/README.md
+assert (spec.backbone, spec.encoder, spec.embed_dim, len(spec.classes)) == ("segresnet", "minilm", 384, 19)
+assert tuple(spec.preprocessing.spacing_mm) == (3.0, 3.0, 3.0) and round(n_parameters / 1e6, 1) == 4.9
 print(
     "CHECKS PASSED 02",
     {

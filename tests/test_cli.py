@@ -239,8 +239,8 @@ def test_train_set_overrides_then_pseudo_label_empty_option(tmp_path, monkeypatc
         "cpu",
         "--fast",
     ]
-    assert main(["pseudo-label", *common, "-o", "absent"]) == 0
-    assert main(["pseudo-label", *common, "-o", "masked", "--empty", "unannotated"]) == 0
+    assert main(["pseudo-label", *common, "-o", "absent", "--empty", "absent"]) == 0
+    assert main(["pseudo-label", *common, "-o", "masked"]) == 0  # the default: left unannotated
     unlabeled = [c.name for c in load_manifest(manifest).cases if not c.annotated_classes()]
     assert unlabeled
     a, m = (

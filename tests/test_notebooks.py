@@ -10,12 +10,31 @@ is missing.
 Each notebook is a Jupytext pair: ``notebooks/NN_name.py`` (percent format, the source that is edited, reviewed and
 linted by ruff) and ``notebooks/NN_name.ipynb`` (what students open). ``test_notebook_and_source_agree`` fails when
 one was edited without the other (``make notebooks`` re-syncs them).
+
+Exercises follow one contract in every notebook (``test_exercises_follow_the_contract`` checks it statically; the
+execution tests run with ``RUN_SOLUTIONS = True`` injected and require every check cell to print
+``exercise N: correct``). The parameters cell sets ``RUN_SOLUTIONS = False``; per exercise N, in this order (markdown
+cells may come between them, no other code cell):
+
+- a code cell tagged ``exercise`` with the line ``answer_N = None  # your answer here``;
+- a code cell tagged ``solution``, source-hidden (cell metadata ``jupyter: {source_hidden: true}``; in the ``.py``:
+  ``# %% jupyter={"source_hidden": true} tags=["solution"]``), that is one ``if RUN_SOLUTIONS:`` block assigning
+  ``answer_N``;
+- a code cell tagged ``check`` that is one ``if answer_N is None:`` block printing ``exercise N: not answered yet``,
+  with an ``else:`` that checks the answer by ``assert <condition>, <message for the student>`` against values the
+  notebook computes (never a typed number) and then prints ``exercise N: correct``.
+
+Exercises are numbered 1, 2, ... in order; a notebook without exercises has none of these cells.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import io
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,9 +60,13 @@ def _read(path: Path):
     return nbformat.read(path, as_version=4)
 
 
-def _cell_view(nb) -> list[tuple[str, str, list[str]]]:
-    """What must agree between a notebook and its Jupytext source: each cell's type, source and tags."""
-    return [(c.cell_type, c.source, list(c.metadata.get("tags", []))) for c in nb.cells]
+def _source_hidden(cell) -> bool:
+    return bool(cell.metadata.get("jupyter", {}).get("source_hidden", False))
+
+
+def _cell_view(nb) -> list[tuple[str, str, list[str], bool]]:
+    """What must agree between a notebook and its Jupytext source: each cell's type, source, tags, source-hidden."""
+    return [(c.cell_type, c.source, list(c.metadata.get("tags", [])), _source_hidden(c)) for c in nb.cells]
 
 
 def _disagreements(source, notebook) -> list[str]:
@@ -57,7 +80,7 @@ def _disagreements(source, notebook) -> list[str]:
     if len(a) != len(b):
         problems.append(f"{len(a)} cells in the .py, {len(b)} in the .ipynb")
     for i, (x, y) in enumerate(zip(a, b)):
-        for what, u, v in zip(("type", "source", "tags"), x, y):
+        for what, u, v in zip(("type", "source", "tags", "source_hidden"), x, y):
             if u != v and what == "source":  # name the first line that differs
                 pairs = list(zip([*u.splitlines(), "<end>"], [*v.splitlines(), "<end>"]))
                 line = next((k for k, (s, t) in enumerate(pairs) if s != t), None)
@@ -75,6 +98,146 @@ def _parameters_index(nb) -> int:
     tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, f"expected exactly one cell tagged 'parameters', found {len(tagged)}"
     return tagged[0]
+
+
+EXERCISE_ROLES = ("exercise", "solution", "check")
+
+
+def _role(cell) -> str | None:
+    roles = [t for t in cell.metadata.get("tags", []) if t in EXERCISE_ROLES]
+    return roles[0] if len(roles) == 1 else ("+".join(roles) or None)
+
+
+def _only_if(source: str, test: str) -> ast.If | None:
+    """The cell's single top-level ``if <test>:`` statement, or None when the cell is anything else."""
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:
+        return None
+    if len(body) == 1 and isinstance(body[0], ast.If) and ast.unparse(body[0].test) == test:
+        return body[0]
+    return None
+
+
+def _assigns(node: ast.AST, name: str) -> bool:
+    """Whether ``name`` is assigned anywhere inside ``node`` (``=``, ``+=``, annotated, or a tuple target)."""
+    for statement in ast.walk(node):
+        if isinstance(statement, ast.Assign):
+            targets = statement.targets
+        elif isinstance(statement, (ast.AugAssign, ast.AnnAssign)):
+            targets = [statement.target]
+        else:
+            continue
+        if any(isinstance(n, ast.Name) and n.id == name for t in targets for n in ast.walk(t)):
+            return True
+    return False
+
+
+def _unanswered_output(source: str, number: int) -> str:
+    """What a check cell prints while ``answer_N`` is still None (its ``if answer_N is None:`` branch only)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(source, f"<check cell of exercise {number}>", "exec"), {f"answer_{number}": None})  # noqa: S102
+    return out.getvalue()
+
+
+def _exercise_problems(nb) -> list[str]:
+    """How a notebook breaks the exercise contract of the module docstring (empty when it keeps it)."""
+    problems = []
+    params = nb.cells[_parameters_index(nb)].source
+    if not re.search(r"^RUN_SOLUTIONS = False\b", params, re.M):
+        problems.append("the parameters cell must set RUN_SOLUTIONS = False")
+    code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    numbers, k = [], 0
+    while k < len(code):
+        i, cell = code[k]
+        role = _role(cell)
+        if role is None:
+            k += 1
+            continue
+        if role != "exercise":
+            problems.append(
+                f"cell {i}: a {role!r} cell that does not follow an 'exercise' cell and its solution"
+            )
+            k += 1
+            continue
+        found = re.findall(r"^answer_(\d+) = None\b", cell.source, re.M)
+        if len(found) != 1:
+            problems.append(
+                f"cell {i}: an exercise cell needs exactly one line 'answer_N = None  # your answer here'"
+            )
+            k += 1
+            continue
+        n = int(found[0])
+        numbers.append(n)
+        triple = code[k : k + 3]
+        roles = [_role(c) for _, c in triple]
+        if roles[1:] != ["solution", "check"]:
+            problems.append(
+                f"exercise {n} (cell {i}): the next code cells must be tagged 'solution', then 'check'"
+            )
+            k += 1
+            continue
+        (j, solution), (m, check) = triple[1], triple[2]
+        if not _source_hidden(solution):
+            problems.append(
+                f"exercise {n}: its solution (cell {j}) must be source-hidden (jupyter.source_hidden)"
+            )
+        block = _only_if(solution.source, "RUN_SOLUTIONS")
+        if block is None or not _assigns(block, f"answer_{n}"):
+            problems.append(
+                f"exercise {n}: its solution (cell {j}) must be one 'if RUN_SOLUTIONS:' block assigning answer_{n}"
+            )
+        block = _only_if(check.source, f"answer_{n} is None")
+        if block is None:
+            problems.append(
+                f"exercise {n}: its check (cell {m}) must be one 'if answer_{n} is None:' ... 'else:' block"
+            )
+        else:
+            if not any(
+                isinstance(a, ast.Assert) and a.msg is not None for e in block.orelse for a in ast.walk(e)
+            ):
+                problems.append(
+                    f"exercise {n}: its check (cell {m}) needs an 'assert condition, message' in 'else:'"
+                )
+            if f"exercise {n}: correct" not in check.source:
+                problems.append(f"exercise {n}: its check (cell {m}) must print 'exercise {n}: correct'")
+            try:
+                said = _unanswered_output(check.source, n)
+            except Exception as err:  # noqa: BLE001 - reported as a contract problem
+                said = f"{type(err).__name__}: {err}"
+            if f"exercise {n}: not answered yet" not in said:
+                problems.append(
+                    f"exercise {n}: with answer_{n} = None its check must print "
+                    f"'exercise {n}: not answered yet', it printed {said.strip()!r}"
+                )
+        k += 3
+    if numbers != list(range(1, len(numbers) + 1)):
+        problems.append(f"exercises must be numbered 1, 2, ... in order, found {numbers}")
+    return problems
+
+
+def _check_cells(nb) -> list[tuple[int, object]]:
+    """(exercise number, cell) of every check cell."""
+    found = []
+    for cell in nb.cells:
+        if _role(cell) == "check":
+            m = re.search(r"\banswer_(\d+) is None", cell.source)
+            found.append((int(m.group(1)) if m else -1, cell))
+    return found
+
+
+def _cell_text(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+
+
+def _unsolved(executed) -> list[str]:
+    """The check cells of an executed notebook (RUN_SOLUTIONS = True) that did not print 'exercise N: correct'."""
+    return [
+        f"exercise {n}: its check printed {_cell_text(cell).strip()[-300:]!r}"
+        for n, cell in _check_cells(executed)
+        if f"exercise {n}: correct" not in _cell_text(cell)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- cheap
@@ -137,7 +300,77 @@ def test_saved_without_outputs_and_parameterised(path):
     params = nb.cells[_parameters_index(nb)]
     assert params.cell_type == "code" and "QUICK = True" in params.source
     assert "_DIR = None" in params.source  # a data/work folder parameter
+    assert "RUN_SOLUTIONS = False" in params.source  # the exercise contract (module docstring)
     assert nb.metadata.get("kernelspec", {}).get("language") == "python"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name[:2])
+def test_exercises_follow_the_contract(path):
+    """exercise -> hidden solution -> check, per exercise (see the module docstring); zero exercises is fine."""
+    problems = _exercise_problems(_read(path))
+    assert not problems, f"{path.name} breaks the exercise contract:\n" + "\n".join(problems)
+
+
+def test_the_exercise_contract_check_catches_mistakes():
+    """The contract check is not vacuous: each way of breaking the contract is reported."""
+    import nbformat
+
+    def notebook(*cells):
+        nb = nbformat.v4.new_notebook()
+        params = nbformat.v4.new_code_cell("QUICK = True\nDATA_DIR = None\nRUN_SOLUTIONS = False")
+        params.metadata["tags"] = ["parameters"]
+        nb.cells = [params]
+        for tag, source in cells:
+            cell = nbformat.v4.new_code_cell(source) if tag != "md" else nbformat.v4.new_markdown_cell(source)
+            if tag not in ("md", None):
+                cell.metadata["tags"] = [tag]
+            if tag == "solution":
+                cell.metadata["jupyter"] = {"source_hidden": True}
+            nb.cells.append(cell)
+        return nb
+
+    exercise = ("exercise", "answer_1 = None  # your answer here")
+    solution = ("solution", "if RUN_SOLUTIONS:\n    answer_1 = 2")
+    check = (
+        "check",
+        "if answer_1 is None:\n    print('exercise 1: not answered yet')\n"
+        "else:\n    assert answer_1 == 1 + 1, 'add again'\n    print('exercise 1: correct')",
+    )
+    good = notebook(exercise, ("md", "text between"), solution, check)
+    assert _exercise_problems(good) == [] and _exercise_problems(notebook()) == []
+
+    visible = notebook(exercise, solution, check)
+    visible.cells[2].metadata.pop("jupyter")
+    no_flag = notebook(exercise, solution, check)
+    no_flag.cells[0].source = "QUICK = True\nDATA_DIR = None"
+    broken = {
+        "source-hidden": visible,
+        "RUN_SOLUTIONS = False": no_flag,
+        "'solution', then 'check'": notebook(exercise, check, solution),
+        "does not follow": notebook(solution, check),
+        "one 'if RUN_SOLUTIONS:'": notebook(exercise, ("solution", "answer_1 = 2"), check),
+        "'assert condition, message'": notebook(
+            exercise, solution, ("check", check[1].replace(", 'add again'", ""))
+        ),
+        "not answered yet": notebook(
+            exercise, solution, ("check", check[1].replace("not answered yet", "todo"))
+        ),
+        "numbered 1, 2": notebook(
+            *[
+                (t, s.replace("answer_1", "answer_2").replace("exercise 1", "exercise 2"))
+                for t, s in (exercise, solution, check)
+            ]
+        ),
+    }
+    for expected, nb in broken.items():
+        problems = _exercise_problems(nb)
+        assert any(expected in p for p in problems), f"{expected!r} not reported: {problems}"
+
+    ran = notebook(exercise, solution, check)
+    ran.cells[3].outputs = [nbformat.v4.new_output("stream", text="exercise 1: not answered yet\n")]
+    assert _unsolved(ran) and not _unsolved(notebook())
+    ran.cells[3].outputs = [nbformat.v4.new_output("stream", text="exercise 1: correct\n")]
+    assert _unsolved(ran) == []
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name[:2])
@@ -215,7 +448,9 @@ def _execute(path: Path, jupyter_path: Path, cache: Path, inject: str, monkeypat
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name[:2])
 def test_notebook_runs(path, kernel_env, tmp_path, monkeypatch):
     saved = _read(path)
-    inject = "QUICK = True"
+    inject = (
+        "QUICK = True\nRUN_SOLUTIONS = True"  # the solution cells fill in the answers; every check must pass
+    )
     if "WORK_DIR = None" in saved.cells[_parameters_index(saved)].source:
         # synthetic datasets and training runs go to pytest's tmp_path instead of a new temporary folder
         inject += f"\nWORK_DIR = {str(tmp_path / 'work')!r}"
@@ -224,7 +459,12 @@ def test_notebook_runs(path, kernel_env, tmp_path, monkeypatch):
     assert f"CHECKS PASSED {number}" in text, f"{path.name}: the checks cell did not report success"
     images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
     assert images >= 3, f"{path.name} produced only {images} figures"
-    print(f"{path.name}: {seconds:.0f} s")
+    checks, correct = len(_check_cells(saved)), len(re.findall(r"^exercise \d+: correct$", text, re.M))
+    assert not _unsolved(nb) and correct == checks, (
+        f"{path.name}: {correct} of {checks} exercise checks printed 'exercise N: correct' with RUN_SOLUTIONS = True:\n"
+        + "\n".join(_unsolved(nb))
+    )
+    print(f"{path.name}: {seconds:.0f} s, {checks} exercises solved")
 
 
 @pytest.mark.notebook
@@ -232,6 +472,7 @@ def test_notebook_runs(path, kernel_env, tmp_path, monkeypatch):
 def test_notebook_01_phantom_fallback(kernel_env, tmp_path, monkeypatch):
     """Without ../shared/data the first notebook builds the same lesson from the synthetic phantom."""
     path = NOTEBOOK_DIR / EXPECTED[0]
-    inject = f"QUICK = True\nDATA_DIR = {str(tmp_path / 'no-such-folder')!r}"
-    _, text, _ = _execute(path, kernel_env, tmp_path / "cache", inject, monkeypatch)
+    inject = f"QUICK = True\nRUN_SOLUTIONS = True\nDATA_DIR = {str(tmp_path / 'no-such-folder')!r}"
+    nb, text, _ = _execute(path, kernel_env, tmp_path / "cache", inject, monkeypatch)
     assert "CHECKS PASSED 01" in text and "'real_data': False" in text
+    assert not _unsolved(nb), "\n".join(_unsolved(nb))  # the exercises work on the phantom too

@@ -82,8 +82,8 @@ def test_resolve_template_keys_texts_and_free_text():
     assert resolve_template("PHOTO") == TEMPLATES["photo"]
     assert resolve_template("there-is") == resolve_template("there is") == TEMPLATES["there_is"]
     assert resolve_template("An axial CT of the {} region") == "An axial CT of the {} region"
-    assert resolve_template("  Contrast CT showing the  ") == "Contrast CT showing the {}"
-    for bad in ("", "   ", "CT of {name}", "CT of {0}"):
+    assert resolve_template("  Contrast CT showing the {}  ") == "Contrast CT showing the {}"
+    for bad in ("", "   ", "CT of {name}", "CT of {0}", "bogus", "Contrast CT showing the"):
         with pytest.raises(InputError):
             resolve_template(bad)
 
@@ -93,7 +93,7 @@ def test_format_prompt_uses_correct_spellings():
     assert format_prompt("ct", aorta) == "A computerized tomography of a Aorta"
     assert format_prompt("there_is", "liver tumor") == "There is Liver Tumor in this computerized tomography"
     assert format_prompt("photo", "celiac trunk") == "A photo of a Celiac Trunk"  # not the official "Truck"
-    assert format_prompt("Contrast CT showing the", "liver") == "Contrast CT showing the Liver"
+    assert format_prompt("Contrast CT showing the {}", "liver") == "Contrast CT showing the Liver"
     assert format_prompt("{}", "spleen") == "Spleen"
 
 
@@ -214,7 +214,7 @@ def test_minilm_is_deterministic(minilm):
 def test_minilm_templates_change_embeddings(minilm):
     classes = resolve_classes(["liver", "spleen"])
     ct = minilm.encode_classes(classes, "ct")
-    free = minilm.encode_classes(classes, "a contrast enhanced scan of the")
+    free = minilm.encode_classes(classes, "a contrast enhanced scan of the {}")
     assert not np.allclose(ct, free, atol=1e-3)
 
 

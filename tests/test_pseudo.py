@@ -61,7 +61,8 @@ def _targets(case, classes):
 def test_pseudo_labels_never_overwrite_ground_truth(manifest, model, tmp_path):
     # an untrained model with no confidence bar: large, wrong predictions everywhere stress the merge
     teacher = Predictor(model, patch_size=32, device="cpu")
-    new_path, report = pseudo_label(manifest, teacher, tmp_path, PseudoLabelConfig(min_confidence=0.0))
+    rules = PseudoLabelConfig(min_confidence=0.0, empty_as_negative=True)  # every class annotated, GT or pseudo
+    new_path, report = pseudo_label(manifest, teacher, tmp_path, rules)
     old, new = load_manifest(manifest), load_manifest(new_path)
     assert new.problems == () and validate_manifest(new, read_labels=True) == []
     assert new.names == old.names
@@ -195,6 +196,17 @@ def test_the_teacher_settings_decide_the_predictions_and_the_report_says_so(mani
     )
     assert strict["settings"]["threshold"] == 0.9 and loose["settings"]["threshold"] == 0.1
     assert strict["settings"]["teacher"]["postprocess"] is False
-    vol = [sum((r["volume_ml"] or 0) for r in c["classes"].values()) for c in strict["cases"]]
-    vol_loose = [sum((r["volume_ml"] or 0) for r in c["classes"].values()) for c in loose["cases"]]
+    vol = [sum((r.get("volume_ml") or 0) for r in c["classes"].values()) for c in strict["cases"]]
+    vol_loose = [sum((r.get("volume_ml") or 0) for r in c["classes"].values()) for c in loose["cases"]]
     assert vol != vol_loose
+
+
+def test_empty_predictions_stay_unannotated_by_default(manifest, model, tmp_path):
+    """The default never turns "predicted nowhere" into an annotated "absent" (the naive suppression)."""
+    teacher = Predictor(model, patch_size=32, threshold=0.999999, postprocess=False)  # predicts nothing
+    new_path, report = pseudo_label(manifest, teacher, tmp_path, PseudoLabelConfig(min_confidence=0.0))
+    old, new = load_manifest(manifest), load_manifest(new_path)
+    for o, n in zip(old.cases, new.cases):
+        assert set(n.annotated_classes()) == {c for c in o.annotated_classes() if c in CLASSES}
+    flags = [f for c in report["cases"] for f in c["flags"]]
+    assert any("predicted nowhere" in f for f in flags) and not any("p=nan" in f for f in flags)

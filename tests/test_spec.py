@@ -179,6 +179,11 @@ def test_official_spec_has_the_official_pipeline_settings():
         250.0,
     )
     assert spec.provenance.source == "official"
+    # the official chain's grid convention, crop (windowed image > 0: HU above -175, no margin) and arithmetic
+    prep = spec.preprocessing
+    assert prep.convention == "official" and prep.foreground_hu == -175.0 and prep.margin_mm == 0.0
+    assert spec.inference.precision == "float32" and spec.inference.threshold == 0.5
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
 
 
 def test_fast_spacing_is_never_finer_than_the_model():

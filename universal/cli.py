@@ -1,13 +1,17 @@
 """The ``universal`` command line: segment, evaluate, train, pseudo-label, embed, models, classes, demo.
 
 Every error a user can cause is printed as one line (``error: ...``) with a non-zero exit code, never a
-traceback. Exit codes: 0 success, 1 some cases in a batch failed, 2 bad usage or input, 130 interrupted.
+traceback. Exit codes: 0 success, 1 some cases in a batch failed, 2 bad usage or input, 130 interrupted (Ctrl+C),
+143 terminated (SIGTERM, as sent by ``timeout``, Slurm and ``docker stop``; handled like Ctrl+C).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -17,6 +21,7 @@ from typing import Any
 from universal.errors import InputError, UniversalError
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 _SEGMENT_EXAMPLES = """examples:
   universal segment ct.nii.gz -o out/
@@ -27,6 +32,22 @@ _SEGMENT_EXAMPLES = """examples:
 Per case it writes OUTDIR/<case>/masks/<class_name>.nii.gz (uint8, on the input grid),
 OUTDIR/<case>/labels.nii.gz (one label map, universal ids, tumours drawn over organs) and
 OUTDIR/<case>/report.json (volumes in mL, mean HU, timings per stage, model, encoder, template, versions).
+
+<case> is the input's name: the file name without its extension (ct.nii.gz -> ct), or the DICOM folder's or
+zip's name. Inputs of one run with the same name (a/ct.nii.gz b/ct.nii.gz) get their parent folder's name in
+front (a_ct, b_ct); names still equal then get _2, _3, ... in the order given (names compared ignoring case;
+a leading dot is dropped). The same input given twice is refused.
+
+A case folder appears whole or not at all: it is written into a hidden .<case>.*.tmp folder beside it and
+renamed into place when complete, so a full disk, an error, Ctrl+C or SIGTERM leave no half-written case and
+no temporary file. An earlier result in OUTDIR/<case> is replaced as a whole (no mask of an earlier run with
+other classes stays); a file, or a folder holding anything else, is never replaced (exit 2).
+
+Checked before the model loads: the options, the device, the inputs' output names, and OUTDIR (a folder, or
+creatable; writable; at least 1 MiB free). A case that fails later (unreadable, not a CT, out of memory,
+disk full) is one line `[i/n] CT: failed: ...` and the next case runs.
+exit codes: 0 every case written; 1 some cases failed, the others written; 2 bad usage or input, or every
+case failed; 130 interrupted (Ctrl+C); 143 terminated (SIGTERM: timeout, Slurm, docker stop).
 """
 
 _EVALUATE_EXAMPLES = """examples:
@@ -70,6 +91,7 @@ def _progress_bar(desc: str):
 def _add_predictor_args(p: argparse.ArgumentParser, *, weights_help: str = "see `universal models`") -> None:
     """The options that build a :class:`universal.Predictor`; choices and defaults come from the library (an option
     left out takes the model spec's value)."""
+    from universal.preprocess import CONVENTIONS
     from universal.spec import PRECISIONS
 
     p.add_argument("--weights", default="builtin", metavar="NAME|PATH", help=weights_help)
@@ -90,6 +112,9 @@ def _add_predictor_args(p: argparse.ArgumentParser, *, weights_help: str = "see 
     p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="forward-pass arithmetic (default: the model's, usually auto: float16 on CUDA, bfloat16 on "
                    "CPUs that support it)")  # fmt: skip
+    p.add_argument("--convention", default=None, choices=CONVENTIONS,
+                   help="grid convention (default: the model's): official = the official release's MONAI chain "
+                   "(the default of its checkpoints), universal = the project's own")  # fmt: skip
 
 
 def _settings_from_args(args: argparse.Namespace, **fixed: Any):
@@ -104,60 +129,213 @@ def _settings_from_args(args: argparse.Namespace, **fixed: Any):
         fast=args.fast,
         classes=tuple(args.classes) if args.classes else None,
         template=args.template,
+        convention=args.convention,
         **fixed,
     )
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from universal.predictor import Predictor
+    from universal.predictor import Predictor, resolve_device
 
     out = Path(args.output)
+    settings = _settings_from_args(args)  # every option, before anything is created or loaded
+    resolve_device(settings.device)  # an absent device is said before the model loads
+    case_dirs = [out / name for name in _case_names(args.inputs)]
+    _check_case_dirs(args.inputs, case_dirs)
+    created = _prepare_output(out)
     try:
-        predictor = Predictor(args.weights, _settings_from_args(args))
-    except UniversalError as exc:
-        return _fail(str(exc))
+        predictor = Predictor(args.weights, settings)
+        failures = _segment_cases(predictor, args.inputs, case_dirs, args.series)
+    finally:
+        _remove_if_empty(created)  # nothing written (a refused model, every case failed, interrupted)
+    return _batch_exit(failures, len(args.inputs))
+
+
+def _segment_cases(
+    predictor: Any, inputs: Sequence[str], case_dirs: Sequence[Path], series: str | None = None
+) -> list[tuple[str, str]]:
+    """Segment and save each case in turn; a case that fails is one line and the next one runs. Returns the
+    failures as ``(input, message)``."""
     failures: list[tuple[str, str]] = []
-    n = len(args.inputs)
-    bars: dict[int, Any] = {}
+    n = len(inputs)
+    for i, (source, case_dir) in enumerate(zip(inputs, case_dirs)):
+        label = f"[{i + 1}/{n}] {source}"
+        bar: list[Any] = []
 
-    def progress(i: int, source: Any, stage: str, fraction: float) -> None:
-        if i not in bars:
-            bars[i] = _progress_bar(f"[{i + 1}/{n}] {source}")
-        bars[i][1](stage, fraction)
+        def progress(_: int, src: Any, stage: str, fraction: float, label=label, bar=bar) -> None:
+            if not bar:
+                bar.extend(_progress_bar(label))
+            bar[1](stage, fraction)
 
+        try:
+            result, error = _segment_one(predictor, source, case_dir, progress, series)
+        finally:
+            if bar:
+                bar[0].close()
+        if error is not None:
+            failures.append((str(source), error))
+            print(f"{label}: failed: {error}", file=sys.stderr)
+            continue
+        present = [c for c, m in result.masks.items() if m.any()]
+        t = result.timings.get("total", float("nan"))
+        print(f"{label}: {len(present)}/{len(result.masks)} classes found in {t:.1f} s -> {case_dir}")
+    return failures
+
+
+def _segment_one(
+    predictor: Any, source: str, case_dir: Path, progress: Any, series: str | None = None
+) -> tuple[Any, str | None]:
+    """One case: segment, then write its folder as a whole → ``(segmentation, None)`` or ``(None, message)``.
+
+    Any exception of one case (a project error, an unreadable file, out of memory, a full disk, an unexpected
+    error of a library) becomes its one-line message; only an interruption stops the batch."""
     try:
-        for i, case in enumerate(predictor.predict_many(args.inputs, progress)):
-            label = f"[{i + 1}/{n}] {case.source}"
-            if i in bars:
-                bars.pop(i)[0].close()
-            if case.ok:
-                try:
-                    case_dir = out / case.segmentation.volume.name
-                    case.segmentation.save(case_dir)
-                except UniversalError as exc:
-                    case = type(case)(case.source, None, str(exc))
-            if not case.ok:
-                failures.append((str(case.source), str(case.error)))
-                print(f"{label}: failed: {case.error}", file=sys.stderr)
-                continue
-            result = case.segmentation
-            present = [c for c, m in result.masks.items() if m.any()]
-            t = result.timings.get("total", float("nan"))
-            print(f"{label}: {len(present)}/{len(result.masks)} classes found in {t:.1f} s -> {case_dir}")
-    except KeyboardInterrupt:
-        for bar, _ in bars.values():
-            bar.close()
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return _batch_exit(failures, n)
+        case = next(iter(predictor.predict_many([source], progress, series=series)))
+    except Exception as exc:  # noqa: BLE001 - one case's failure never stops the batch
+        return None, _error_line(exc)
+    if not case.ok:
+        return None, str(case.error)
+    try:
+        case.segmentation.save(case_dir)
+    except OSError as exc:
+        return None, f"cannot write {case_dir}: {_os_error_text(exc)}"
+    except Exception as exc:  # noqa: BLE001
+        return None, f"cannot write {case_dir}: {_error_line(exc)}"
+    return case.segmentation, None
+
+
+def _error_line(exc: BaseException) -> str:
+    """One line for an exception: the message of a project error, else the kind and the first line of the text."""
+    if isinstance(exc, UniversalError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return _os_error_text(exc)
+    text = str(exc).strip().splitlines()
+    if isinstance(exc, MemoryError):
+        return f"out of memory ({text[0] if text else 'MemoryError'}): try --fast or fewer --classes"
+    return f"unexpected {type(exc).__name__}" + (f": {text[0]}" if text else "")
+
+
+def _os_error_text(exc: OSError) -> str:
+    """``No space left on device: out/ct`` rather than ``[Errno 28] ...`` (hidden temporary names left out)."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    name = exc.filename
+    parts = Path(str(name)).parts if name is not None else ()
+    hidden = any(p.startswith(".") and p not in (".", "..") for p in parts)
+    return what if name is None or hidden else f"{what}: {name}"
+
+
+def _case_names(inputs: Sequence[str]) -> list[str]:
+    """The output folder name of each input (the rule of ``universal segment --help``): its case name; names that
+    occur more than once (ignoring case) get their parent folder's name in front (``a/ct.nii.gz``, ``b/ct.nii.gz``
+    → ``a_ct``, ``b_ct``), and names still equal get ``_2``, ``_3``, ... in input order.
+
+    >>> _case_names(["a/ct.nii.gz", "b/ct.nii.gz", "c/liver.nrrd", "x/a/ct.nii.gz"])
+    ['a_ct', 'b_ct', 'liver', 'a_ct_2']
+    """
+    from collections import Counter
+
+    from universal.io import case_name
+
+    paths = [Path(os.path.abspath(p)) for p in inputs]
+    names = [case_name(p).lstrip(".") or "case" for p in paths]
+    counts = Counter(n.casefold() for n in names)
+    names = [
+        f"{p.parent.name.lstrip('.')}_{n}" if counts[n.casefold()] > 1 and p.parent.name.lstrip(".") else n
+        for p, n in zip(paths, names)
+    ]
+    used: set[str] = set()
+    result = []
+    for n in names:
+        candidate, k = n, 1
+        while candidate.casefold() in used:
+            k += 1
+            candidate = f"{n}_{k}"
+        used.add(candidate.casefold())
+        result.append(candidate)
+    return result
+
+
+def _check_case_dirs(inputs: Sequence[str], case_dirs: Sequence[Path]) -> None:
+    """Refuse, before the model loads, what would make a case folder unsafe to write: the same input twice, a
+    case folder that is (or holds) an input, a file or a folder of other files where a case folder goes."""
+    from universal.inference import Segmentation
+
+    real = [os.path.realpath(p) for p in inputs]
+    for i, r in enumerate(real):
+        if r in real[:i]:
+            raise InputError(f"{inputs[i]} is given twice: give each CT once")
+    for case_dir in case_dirs:
+        target = os.path.realpath(case_dir)
+        for source, r in zip(inputs, real):
+            if r == target or r.startswith(target + os.sep):
+                raise InputError(
+                    f"the results of {source} would go to {case_dir}, which holds that input: choose another -o"
+                )
+        try:
+            Segmentation.check_outdir(case_dir)
+        except OSError as exc:
+            raise InputError(f"{case_dir} {exc.strerror}") from exc
+
+
+_MIN_FREE_BYTES = 1024**2
+"""Free space OUTDIR must have before the model loads (a floor, not an estimate: a full disk later still fails
+only the case being written, and leaves nothing of it)."""
+
+
+def _prepare_output(out: Path) -> list[Path]:
+    """Create OUTDIR (and missing parents) and prove it writable with a probe file, before the model loads; refuse
+    a file, a read-only folder or a (nearly) full disk. Returns the folders it created."""
+    import secrets
+    import shutil
+
+    existing = out
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = f"-o {out} is a file" if existing == out else f"-o {out} cannot be made: {existing} is a file"
+        raise InputError(f"{what}; give a folder for the results")
+    created = [p for p in [out, *out.parents] if not os.path.lexists(p)][::-1]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".universal-probe-{secrets.token_hex(4)}.tmp"
+        try:
+            with open(probe, "wb") as fh:
+                fh.write(b"\0" * 4096)
+                fh.flush()
+                os.fsync(fh.fileno())
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+        free = shutil.disk_usage(out).free
+    except OSError as exc:
+        _remove_if_empty(created)
+        raise InputError(f"cannot write into the output folder {out}: {exc.strerror or exc}") from exc
+    if free < _MIN_FREE_BYTES:
+        _remove_if_empty(created)
+        raise InputError(
+            f"only {free // 1024} KiB free in the output folder {out} (at least {_MIN_FREE_BYTES // 1024**2} MiB "
+            "needed): free some space or choose another -o"
+        )
+    return created
+
+
+def _remove_if_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders this run created, deepest first, where they are still empty."""
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _batch_exit(failures: list[tuple[str, str]], n: int) -> int:
+    """The exit code of a batch (0 all written, 1 some failed, 2 all failed), after a summary of the failures
+    when there was more than one case (a single case's failure is its one line already)."""
     if not failures:
         return EXIT_OK
-    print(f"\n{len(failures)} of {n} case(s) failed:", file=sys.stderr)
-    for ct, msg in failures:
-        print(f"  {ct}: {msg}", file=sys.stderr)
+    if n > 1:
+        print(f"\n{len(failures)} of {n} case(s) failed:", file=sys.stderr)
+        for ct, msg in failures:
+            print(f"  {ct}: {msg}", file=sys.stderr)
     return EXIT_PARTIAL if len(failures) < n else EXIT_USAGE
 
 
@@ -404,6 +582,13 @@ def _add_segment_parser(sub: Any, fmt: Any) -> None:
     s = sub.add_parser("segment", help="segment CT scans", epilog=_SEGMENT_EXAMPLES, formatter_class=fmt)
     s.add_argument("inputs", nargs="+", metavar="CT", help="NIfTI, NRRD, MHA file, DICOM folder or DICOM zip")
     s.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    s.add_argument(
+        "--series",
+        default=None,
+        metavar="UID|NUMBER",
+        help="the DICOM series to read when a folder or zip holds several: its SeriesInstanceUID or SeriesNumber "
+        "(applies to every DICOM input; default: the CT series with the most slices, with a warning listing the others)",
+    )
     _add_predictor_args(s)
     s.set_defaults(func=_cmd_segment)
 
@@ -459,8 +644,8 @@ def _add_pseudo_parser(sub: Any, fmt: Any) -> None:
         "--empty",
         choices=list(_pseudo_default("EMPTY_POLICIES")),
         default=None,
-        help="a class the teacher predicts nowhere: annotated absent (default) or left unannotated "
-        "(masked in training; safer when the scans' field of view differs from the teacher's data)",
+        help="a class the teacher predicts nowhere: annotated absent, or left unannotated (masked in training; "
+        "the default: a weak teacher would otherwise teach 'absent' everywhere)",
     )
     q.set_defaults(func=_cmd_pseudo)
 
@@ -510,21 +695,75 @@ def _version() -> str:
     return f"universal {__version__}"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (sent by ``timeout``, Slurm, ``docker stop``), raised like Ctrl+C's ``KeyboardInterrupt`` so that
+    every clean-up runs: no half-written case and no temporary file stays behind."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While the command runs, SIGTERM raises :class:`Terminated` (main thread only; a SIGTERM that the parent
+    process set to be ignored stays ignored); the previous handler is restored afterwards."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+@contextlib.contextmanager
+def _warnings_above_progress_bars():
+    """Warnings shown while a progress bar is drawn start on their own line: the bars are cleared, the warning is
+    shown as it would have been (filters, ``logging.captureWarnings`` and recording still apply), the bars are
+    drawn again below it."""
+    import warnings
+
+    previous = warnings.showwarning
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file=None, line=None) -> None:
+        tqdm = sys.modules.get("tqdm")
+        bars = getattr(getattr(tqdm, "tqdm", None), "external_write_mode", None)
+        with bars(file=file or sys.stderr) if bars is not None else contextlib.nullcontext():
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        if warnings.showwarning is show:
+            warnings.showwarning = previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    try:
-        return int(args.func(args) or 0)
-    except UniversalError as exc:
-        return _fail(str(exc))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        return _fail(f"{exc.strerror or exc}: {exc.filename}")
+    with _sigterm_raises(), _warnings_above_progress_bars():
+        try:
+            return int(args.func(args) or 0)
+        except UniversalError as exc:
+            return _fail(str(exc))
+        except KeyboardInterrupt as exc:  # Ctrl+C, or SIGTERM (Terminated)
+            terminated = isinstance(exc, Terminated)
+            print("interrupted (SIGTERM)" if terminated else "interrupted", file=sys.stderr)
+            return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        except OSError as exc:  # a file that cannot be read or written (missing, permissions, disk full)
+            return _fail(_os_error_text(exc))
 
 
 if __name__ == "__main__":  # pragma: no cover

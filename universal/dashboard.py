@@ -16,8 +16,8 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +62,21 @@ RULE_LABELS = {
 @dataclass(frozen=True)
 class InputRef:
     """What the sidebar points at: ``kind`` is ``"sample"`` (value: its key), ``"upload"`` (an uploaded file:
-    ``name``, ``size``, ``file_id``, ``getvalue()``) or ``"path"`` (a path on the server)."""
+    ``name``, ``size``, ``file_id``, ``getvalue()``) or ``"path"`` (a path on the server); ``series``: the DICOM
+    series chosen (a SeriesInstanceUID or SeriesNumber; ``None``: the loader's default)."""
 
     kind: str
     value: Any
+    series: str | None = None
 
     @property
     def id(self) -> str:
-        """Names the input; a new id means a new input (an edited file on the server is one too)."""
+        """Names the input; a new id means a new input (an edited file on the server, another series, too)."""
+        return self.base_id if self.series is None else f"{self.base_id}{_SERIES_MARK}{self.series}"
+
+    @property
+    def base_id(self) -> str:
+        """The id of the file or folder, whatever series of it is read."""
         if self.kind == "upload":
             return f"upload:{self.value.file_id}:{self.value.name}:{self.value.size}"
         if self.kind == "path":
@@ -79,6 +86,56 @@ class InputRef:
             except OSError:
                 return f"path:{p}"
         return f"sample:{self.value}"
+
+
+_SERIES_MARK = "#series="
+
+
+def series_choices(record: InputRecord, ref: InputRef | None) -> tuple[list[str], int, Callable[[str], str]] | None:
+    """``(options, index, format_func)`` of a "DICOM series" select box when the input ``ref`` points at was read
+    and holds several CT series (``None`` otherwise): the values are SeriesInstanceUIDs (SeriesNumbers for a series
+    without one), ``index`` the series shown now. Other modalities are not offered (the loader refuses them)."""
+    if ref is None or ref.kind == "sample" or record.volume is None or record.id is None:
+        return None
+    if record.id.partition(_SERIES_MARK)[0] != ref.base_id or record.volume.source is None:
+        return None
+    meta = record.volume.source.meta
+    found = [s for s in meta.get("series") or [] if s.get("modality") in ("CT", "")]
+    labels = {_series_value(s): _series_label(s) for s in found if _series_value(s)}
+    if len(labels) < 2:
+        return None
+    options = list(labels)
+    loaded = _series_value({"uid": meta.get("series_uid"), "number": meta.get("series_number")})
+    return options, options.index(loaded) if loaded in options else 0, labels.__getitem__
+
+
+def with_series(ref: InputRef, record: InputRecord, pick: str) -> InputRef:
+    """``ref`` reading the series ``pick`` of :func:`series_choices`; when that is the series ``record`` holds, the
+    ref keeps the record's id (no second read of the same series)."""
+    meta = record.volume.source.meta
+    if pick == _series_value({"uid": meta.get("series_uid"), "number": meta.get("series_number")}):
+        return replace(ref, series=(record.id or "").partition(_SERIES_MARK)[2] or None)
+    return replace(ref, series=pick)
+
+
+def after_new_input(store: MutableMapping[str, Any], record: InputRecord, ref: InputRef | None) -> bool:
+    """What a new input resets in the widgets' state ``store`` (the session state): the slice sliders' positions
+    (the ``*_slice_*`` keys; a position past the new volume's last slice, as another series or a shorter scan
+    has, would be refused by the slider). Returns whether the input offers a series choice
+    (:func:`series_choices`), which the app then draws at once (a rerun)."""
+    for key in [k for k in store if "_slice_" in str(k)]:
+        del store[key]
+    return series_choices(record, ref) is not None
+
+
+def _series_value(s: Mapping[str, Any]) -> str:
+    return str(s.get("uid") or (s["number"] if s.get("number") is not None else ""))
+
+
+def _series_label(s: Mapping[str, Any]) -> str:
+    number = s.get("number")
+    head = f"#{number} · " if number is not None else ""
+    return f"{head}{s.get('description') or '(no description)'} · {s.get('n_slices')} slices"
 
 
 def load_input(
@@ -120,8 +177,9 @@ def _read_input(
     if ref.kind == "upload":
         al.check_upload(ref.value.name, ref.value.size, limit_mb)
         folder.clear("uploads")
-        return InputRecord(volume=load_volume(folder.save(ref.value.name, ref.value.getvalue())))
-    return InputRecord(volume=load_volume(Path(ref.value).expanduser()))
+        saved = folder.save(ref.value.name, ref.value.getvalue())
+        return InputRecord(volume=load_volume(saved, series=ref.series))
+    return InputRecord(volume=load_volume(Path(ref.value).expanduser(), series=ref.series))
 
 
 def volume_caption(volume: Any) -> str:
@@ -189,7 +247,7 @@ def template_options() -> list[str]:
 def template_label(key: str) -> str:
     from universal.prompts import TEMPLATES
 
-    return "free text…" if key == CUSTOM else TEMPLATES[key].replace("{}", "…")
+    return "your own text with {}…" if key == CUSTOM else TEMPLATES[key].replace("{}", "…")
 
 
 def template_of(key: str, text: str | None = None) -> str | None:

@@ -181,11 +181,18 @@ def _check_ids(label: np.ndarray, convention: str, name: str) -> None:
     bad = [int(v) for v in values if v < 0 or v > top]
     if not bad:
         return
+    if int(values.min()) < 0:
+        raise InputError(
+            f"{name} holds negative values ({int(values.min())}...), which are no label ids: it looks like a CT "
+            "in HU, not a label map; pass the label map (0 = background)"
+        )
     fits = [c for c in conventions() if c != convention and _max_id(c) >= int(values.max())]
     hint = f"its values fit {', '.join(fits[:4])}" if fits else "no known convention has ids that high"
+    prediction = name.startswith("the prediction")
+    api, option = ("prediction_convention", "--pred-dataset") if prediction else ("convention", "--gt-dataset")
     raise InputError(
         f"label values {bad[:6]} of {name} are not {convention_label(convention)}: {hint}; say "
-        "which ids the file carries (convention=..., on the command line --gt-dataset / --pred-dataset)"
+        f"which ids the file carries ({api}=..., on the command line {option})"
     )
 
 
@@ -280,7 +287,9 @@ def _names_convention(masks: Mapping[str, Any]) -> str:
     return FLARE23 if LESION in masks else UNIVERSAL
 
 
-def _read_mask_folder(path: Path, convention: str, like: Any) -> tuple[dict[str, np.ndarray], Any]:
+def _read_mask_folder(
+    path: Path, convention: str, like: Any, what: str = "reference"
+) -> tuple[dict[str, np.ndarray], Any]:
     from universal.io import label_grid, load_label
 
     if convention not in (UNIVERSAL, FLARE23):
@@ -290,7 +299,8 @@ def _read_mask_folder(path: Path, convention: str, like: Any) -> tuple[dict[str,
         )
     files = _mask_files(path)
     grid = like if like is not None else label_grid(files[0])
-    return {_class_key(f.name.split(".")[0]): load_label(f, like=grid) > 0 for f in files}, grid
+    role = f"{what} mask" if like is not None else None  # a grid given from outside: say how each was placed
+    return {_class_key(f.name.split(".")[0]): load_label(f, like=grid, role=role) > 0 for f in files}, grid
 
 
 def _from_mapping(masks: Mapping[str, Any], what: str) -> dict[str, np.ndarray]:
@@ -310,14 +320,17 @@ def _grid_of(shape: tuple[int, ...], like: Any, spacing: Any, what: str) -> Any:
     return _Grid(tuple(shape), metrics._spacing3(spacing))
 
 
-def _read_label_map(source: Any, like: Any, spacing: Any) -> tuple[np.ndarray, Any, str]:
-    """An integer label array on its grid: a file (on its own grid unless ``like``) or an array (on ``like``)."""
+def _read_label_map(
+    source: Any, like: Any, spacing: Any, what: str = "reference"
+) -> tuple[np.ndarray, Any, str]:
+    """An integer label array on its grid: a file (on its own grid unless ``like``) or an array (on ``like``);
+    a file placed onto ``like`` by a whole-voxel crop/pad (e.g. a prediction on a smaller grid) is warned about."""
     from universal.io import label_grid, load_label
 
     if _is_path(source):
         path = Path(source)
         if like is not None:
-            return load_label(path, like=like), like, path.name
+            return load_label(path, like=like, role=what), like, path.name
         grid = label_grid(path)
         lab = np.rint(grid.array).astype(np.int32)
         return lab, grid.with_array(lab), path.name
@@ -356,10 +369,10 @@ def _read(source: Any, convention: str | None, like: Any, spacing: Any, what: st
         grid = _grid_of(next(iter(masks.values())).shape, like, spacing, what)
         return masks, tuple(masks), _names_convention(masks), grid, f"{what} masks", False
     if _is_path(source) and Path(source).is_dir():
-        masks, grid = _read_mask_folder(Path(source), conv, like)
+        masks, grid = _read_mask_folder(Path(source), conv, like, what)
         return masks, tuple(masks), _names_convention(masks), grid, Path(source).name, False
-    label, grid, name = _read_label_map(source, like, spacing)
-    _check_ids(label, conv, name)
+    label, grid, name = _read_label_map(source, like, spacing, what)
+    _check_ids(label, conv, f"the {what} {name}")
     masks, listed = _masks_from_label_map(label, conv, grid.affine)
     return masks, listed, conv, grid, name, True
 

@@ -41,6 +41,8 @@ Design for memory and speed (measured in ``bench/inference.py``):
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
 import json
 import math
 import os
@@ -55,7 +57,15 @@ import numpy as np
 
 from universal import preprocess as pp
 from universal import taxonomy
-from universal.io import Volume, atomic_write_text, json_float, load_volume, save_mask, to_json
+from universal.io import (
+    Volume,
+    atomic_folder,
+    atomic_write_text,
+    json_float,
+    load_volume,
+    save_mask,
+    to_json,
+)
 from universal.spec import PRECISIONS
 
 __all__ = [
@@ -63,6 +73,7 @@ __all__ = [
     "Segmentation",
     "clear_model_cache",
     "gaussian_weights",
+    "official_gaussian_weights",
     "segment",
     "sliding_window_predict",
     "window_starts",
@@ -128,22 +139,84 @@ class Segmentation:
         }
 
     def save(self, outdir: str | os.PathLike) -> dict[str, Path]:
-        """Write ``masks/<class_name>.nii.gz`` (uint8), ``labels.nii.gz`` (int16) and ``report.json``.
+        """Write the case folder ``outdir``: ``masks/<class_name>.nii.gz`` (uint8), ``labels.nii.gz`` (int16) and
+        ``report.json``, all at once or not at all.
 
-        Masks and labels are written on the source file's own grid and affine (:func:`universal.io.save_mask`);
-        every write is atomic. Spaces in class names become underscores in file names.
+        Masks and labels are written on the source file's own grid and affine (:func:`universal.io.save_mask`).
+        Every file is written into a hidden temporary sibling folder (``.<name>.<random>.tmp``) that is renamed to
+        ``outdir`` once complete (:func:`universal.io.atomic_folder`): a full disk, an error or an interruption
+        (Ctrl+C, SIGTERM) leaves neither a half-written case nor a temporary file. An existing case folder (an
+        earlier result) is replaced as a whole, so no mask of an earlier run with other classes stays beside the
+        new ones; an existing file, or a folder that is not a case folder, is refused (:meth:`check_outdir`).
+        Spaces in class names become underscores in file names.
 
         Returns:
             A dict ``{"masks": folder, "labels": path, "report": path}``.
+
+        Raises:
+            FileExistsError: ``outdir`` is a file, or a folder that holds something else than a case.
+            OSError: The folder cannot be written (read-only, disk full, ...); nothing is left behind.
         """
         out = Path(outdir)
-        (out / "masks").mkdir(parents=True, exist_ok=True)
+        self.check_outdir(out)
+        with atomic_folder(out) as tmp:
+            self._write_files(tmp)
+        return {"masks": out / "masks", "labels": out / "labels.nii.gz", "report": out / "report.json"}
+
+    def _write_files(self, folder: Path) -> None:
+        """Write every output file of the case into ``folder`` (an empty temporary folder that :meth:`save` renames
+        into place afterwards): the one place where output files are written; a new output format goes here."""
+        (folder / "masks").mkdir()
         for name, mask in self.masks.items():
-            save_mask(mask, self.volume, out / "masks" / f"{mask_file_stem(name)}.nii.gz", dtype=np.uint8)
-        save_mask(self.label_map(), self.volume, out / "labels.nii.gz", dtype=np.int16)
-        report = out / "report.json"
-        atomic_write_text(report, json.dumps(self.report(), indent=2, allow_nan=False) + "\n")
-        return {"masks": out / "masks", "labels": out / "labels.nii.gz", "report": report}
+            save_mask(mask, self.volume, folder / "masks" / f"{mask_file_stem(name)}.nii.gz", dtype=np.uint8)
+        save_mask(self.label_map(), self.volume, folder / "labels.nii.gz", dtype=np.int16)
+        atomic_write_text(folder / "report.json", json.dumps(self.report(), indent=2, allow_nan=False) + "\n")
+
+    #: what a case folder holds (:meth:`_write_files`); an existing folder holding only these may be replaced
+    CASE_ENTRIES = frozenset({"masks", "labels.nii.gz", "report.json"})
+
+    @classmethod
+    def check_outdir(cls, outdir: str | os.PathLike) -> None:
+        """Raise unless :meth:`save` may (re)place a case folder at ``outdir``: it is absent, an empty folder, or an
+        earlier case folder (its ``report.json`` is a report of :meth:`report`, or it holds only ``masks/*.nii.gz``,
+        ``labels.nii.gz``, ``report.json`` and hidden leftovers of an interrupted older version).
+
+        Raises:
+            FileExistsError: ``outdir`` is a file, or a folder that holds something else (never deleted).
+        """
+        out = Path(outdir)
+        if out.is_symlink():
+            out = out.resolve()
+        if not os.path.lexists(out):
+            return
+        if not out.is_dir():
+            raise FileExistsError(errno.EEXIST, "exists and is not a folder (a case is a folder)", str(out))
+        entries = list(out.iterdir())
+        if not entries or _is_report(out / "report.json"):
+            return
+        masks = out / "masks"
+        known = all(e.name in cls.CASE_ENTRIES or e.name.startswith(".") for e in entries)
+        if known and (not masks.is_dir() or all(_is_mask_file(m) for m in masks.iterdir())):
+            return
+        raise FileExistsError(
+            errno.EEXIST,
+            "exists and is not a case folder of `universal segment` (it holds other files, which are never "
+            "replaced); choose another output folder or move it away",
+            str(out),
+        )
+
+
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` is a ``report.json`` written by :meth:`Segmentation.save`."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"case", "classes", "volumes_ml"} <= set(data)
+
+
+def _is_mask_file(path: Path) -> bool:
+    return path.name.startswith(".") or (path.is_file() and path.name.endswith(".nii.gz"))
 
 
 def mask_file_stem(name: str) -> str:
@@ -169,13 +242,15 @@ def segment(
     threshold: float | None = None,
     preprocess_config=None,
     precision: str | None = None,
+    convention: str | None = None,
 ) -> Segmentation:
     """Segment the requested classes of a CT: ``Predictor(model, **settings).predict(volume_or_path)``.
 
     A thin wrapper for one call; to segment many CTs build a :class:`~universal.predictor.Predictor` once. Every
     setting left at ``None`` takes the value of the model's :class:`~universal.spec.ModelSpec` (window size,
     overlap, threshold, precision, spacing, HU window, crop). See :class:`~universal.predictor.PredictorSettings`
-    for each setting (``preprocess_config`` is its ``preprocessing``).
+    for each setting (``preprocess_config`` is its ``preprocessing``; ``convention="official"`` runs the official
+    release's MONAI chain, the default for its checkpoints: ``docs/ARCHITECTURE.md``).
 
     Args:
         volume_or_path: A :class:`~universal.io.Volume` or a path that :func:`universal.io.load_volume` reads.
@@ -210,24 +285,30 @@ def segment(
         patch_size=patch_size,
         preprocessing=preprocess_config,
         return_probabilities=return_probabilities,
+        convention=convention,
     )
     return Predictor(model, settings).predict(volume_or_path, progress)
 
 
-def run_pipeline(predictor, volume_or_path, progress: ProgressFn | None = None) -> Segmentation:
-    """The stages of :meth:`Predictor.predict`: load, preprocess, sliding window, post-process, map back."""
+def run_pipeline(
+    predictor, volume_or_path, progress: ProgressFn | None = None, *, series: str | None = None
+) -> Segmentation:
+    """The stages of :meth:`Predictor.predict`: load (``series``: the DICOM series of a path, see
+    :func:`~universal.io.load_volume`), preprocess, sliding window, post-process, map back."""
     r = predictor.resolved
     t_start = time.perf_counter()
     report = _progress_reporter(progress)
     timings: dict[str, float] = {}
     clock = _StageClock(timings, report)
     with clock("load"):
-        volume = _as_volume(volume_or_path)
+        volume = _as_volume(volume_or_path, series)
     timings["model"] = predictor.take_load_seconds()  # loading happened when the Predictor was built
+    max_voxels = getattr(predictor.settings, "max_voxels", None) or pp.MAX_PREPARED_VOXELS
     with clock("preprocess"):
-        prepared = pp.preprocess(volume, r.preprocessing)
+        prepared = pp.prepare(volume, r.preprocessing, max_voxels=max_voxels)  # by the grid convention
     with clock("inference"):
-        masks_p, probs_p = _infer(predictor, prepared.array, lambda f: report("inference", f))
+        infer = _infer_official if r.preprocessing.convention == "official" else _infer
+        masks_p, probs_p = infer(predictor, prepared.array, lambda f: report("inference", f))
     with clock("postprocess"):
         masks_prep = _postprocess(dict(zip(r.classes, masks_p)), volume, prepared, r.postprocess)
     del masks_p
@@ -243,7 +324,7 @@ def run_pipeline(predictor, volume_or_path, progress: ProgressFn | None = None) 
         volumes_ml=volumes_ml,
         mean_hu=mean_hu,
         timings=timings,
-        info=_info(predictor, prepared),
+        info={**_info(predictor, prepared), "warnings": list(volume.notes or ())},
     )
 
 
@@ -284,6 +365,73 @@ def _infer(predictor, image: np.ndarray, progress: Callable[[float], None]):
     return out
 
 
+def _infer_official(predictor, image: np.ndarray, progress: Callable[[float], None]):
+    """The official chain's steps 7-8: MONAI's ``sliding_window_inference`` with MONAI 0.9.0's Gaussian blending
+    (:func:`official_gaussian_weights`, as the release pins), sigmoid, ``prob > threshold``.
+
+    Returns ``(masks, probabilities)``: a list of bool (X', Y', Z') masks and the float32 (K, X', Y', Z')
+    probabilities (or ``None`` unless asked). The arithmetic is MONAI's (full float32 accumulator and count map),
+    so that results equal the official chain's with the same weights, not merely up to summation order.
+    """
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    r, net, dev = predictor.resolved, predictor.model, predictor.device
+    classes = list(r.classes)
+    autocast_dtype = autocast_dtype_for(dev, r.precision)
+    n_windows = len(_WindowPlan(image.shape, tuple(r.patch_size), r.overlap, 1).windows)
+    done = [0]
+
+    def forward(x):
+        with _autocast(dev, autocast_dtype):
+            logits = net(x, classes=classes)
+        done[0] += int(x.shape[0])
+        progress(min(1.0, done[0] / n_windows))
+        return logits.float()
+
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(dev)
+    weights = official_gaussian_weights(r.patch_size).to(dev)
+    with _eval_mode(net), _head_chunking(net, r.sw_batch_size, r.patch_size, dev), torch.inference_mode():
+        logits = sliding_window_inference(
+            x, tuple(r.patch_size), r.sw_batch_size, forward, overlap=r.overlap, mode="gaussian",
+            roi_weight_map=weights,
+        )  # fmt: skip
+        probs = logits[0].sigmoid_()  # in place: no second (K, X', Y', Z') float32 array
+        del logits
+        masks = [m.numpy() for m in (probs > r.threshold).cpu()]
+        probs = probs.cpu().numpy() if r.return_probabilities else None
+    return masks, probs
+
+
+def official_gaussian_weights(patch_size: Sequence[int], sigma_scale: float = 0.125):
+    """MONAI 0.9.0's Gaussian importance map (the blending of the official release, which pins MONAI 0.9.0).
+
+    A unit impulse at index ``size // 2`` on each axis (half a voxel off the geometric centre for an even size)
+    blurred with MONAI's ``GaussianFilter`` (sigma = ``sigma_scale`` × size per axis) and divided by its maximum:
+    the centre weight is exactly 1 and nothing is floored (corner weights ≈ 4e-11 for 96³). MONAI ≥ 1.x
+    (:func:`gaussian_weights`) samples a closed-form Gaussian centred on ``(size - 1) / 2`` and floors it at 1e-3;
+    with the same weights and input the two blendings differ by up to ~7e-3 in probability
+    (../shared/reference/OFFICIAL_PIPELINE.md, "MONAI version"). Returns a float32 tensor ``(1, 1, *patch_size)``.
+    """
+    return _official_gaussian_weights(tuple(int(p) for p in patch_size), float(sigma_scale)).clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _official_gaussian_weights(patch_size: tuple[int, ...], sigma_scale: float):
+    import torch
+    from monai.networks.layers import GaussianFilter
+
+    impulse = torch.zeros(patch_size, dtype=torch.float32)
+    impulse[tuple(p // 2 for p in patch_size)] = 1.0
+    blur = GaussianFilter(len(patch_size), [p * sigma_scale for p in patch_size])
+    with torch.no_grad():
+        w = blur(impulse[None, None])
+    w = w / torch.max(w)
+    if bool((w == 0).any()):  # as MONAI 0.9.0: no zero weight (a window must count where it lies)
+        w[w == 0] = torch.min(w[w != 0])
+    return w.float()
+
+
 def _postprocess(masks: dict[str, np.ndarray], volume, prepared, config) -> dict[str, np.ndarray]:
     """Component rules on the prepared grid; sides are decided against the body midline of the source CT."""
     if config is None:
@@ -295,7 +443,20 @@ def _postprocess(masks: dict[str, np.ndarray], volume, prepared, config) -> dict
 
 
 def _map_back(masks_prep, probs_p, prepared, names: list[str], report):
-    """Each class's mask (and probabilities) back onto the input grid; each prepared array is dropped once mapped."""
+    """Each class's mask (and probabilities) back onto the input grid; each prepared array is dropped once mapped.
+
+    Official convention: all masks go back in one nearest-neighbour ``Invertd`` (packed as bits), probabilities
+    in one bilinear ``Invertd`` of their stack (:meth:`universal.preprocess.OfficialPrepared.to_source`)."""
+    if prepared.config.convention == "official":
+        report("resample", 0.0)
+        stack = np.stack([np.asarray(masks_prep.pop(n), dtype=bool) for n in names])
+        masks = dict(zip(names, prepared.to_source(stack, order=0)))
+        del stack
+        probabilities = None
+        if probs_p is not None:
+            probs = probs_p if isinstance(probs_p, np.ndarray) else np.stack(probs_p)
+            probabilities = dict(zip(names, prepared.to_source(probs, order=1)))
+        return masks, probabilities
     masks: dict[str, np.ndarray] = {}
     probabilities: dict[str, np.ndarray] | None = {} if probs_p is not None else None
     for i, name in enumerate(names):
@@ -565,14 +726,16 @@ def clear_model_cache() -> None:
     clear()
 
 
-def _as_volume(volume_or_path):
-    if isinstance(volume_or_path, Volume):
-        return volume_or_path
+def _as_volume(volume_or_path, series: str | None = None) -> Volume:
+    """The checked CT of a run: a path is read (and checked) by ``load_volume``; a Volume that was never checked
+    (built directly, ``check=False``, any object with ``array`` and ``affine``) is checked here like a file
+    (:func:`universal.io.checked_volume`: no second pass for a volume that was, and no copy of the array)."""
+    from universal.io import checked_volume
+
     if isinstance(volume_or_path, (str, os.PathLike)):
-        return load_volume(volume_or_path)
-    if hasattr(volume_or_path, "array") and hasattr(volume_or_path, "affine"):
-        return volume_or_path
-    raise TypeError(f"segment() needs a Volume or a path, got {type(volume_or_path).__name__}")
+        return load_volume(volume_or_path, series=series)
+    _check_input_type(volume_or_path)
+    return checked_volume(volume_or_path)
 
 
 @contextmanager
@@ -666,8 +829,12 @@ def _info(predictor, prepared) -> dict[str, Any]:
         "crop_foreground": bool(prepared.config.crop_foreground),
         "convention": prepared.config.convention,
         "hu_window": list(prepared.config.hu_window),
-        "crop_box": [list(b) for b in prepared.box],
+        "crop_box": [list(b) for b in prepared.box],  # official convention: on the resampled grid
         "prepared_shape": list(prepared.shape),
+        **(
+            {"resampled_shape": list(prepared.resampled_shape)} if hasattr(prepared, "resampled_shape") else {}
+        ),
+        "blending": "monai-0.9.0" if prepared.config.convention == "official" else "monai-1.x",
         "classes": list(r.classes),
         "patch_size": list(r.patch_size),
         "overlap": float(r.overlap),

@@ -33,7 +33,7 @@ import numpy as np
 
 from universal.errors import ClassNameError, InputError, UniversalError
 from universal.postprocess import PostprocessConfig
-from universal.preprocess import PreprocessConfig
+from universal.preprocess import CONVENTIONS, PreprocessConfig
 from universal.spec import PRECISIONS, InferenceDefaults, ModelSpec
 from universal.taxonomy import resolve_class
 
@@ -72,7 +72,13 @@ class PredictorSettings:
         sw_batch_size: Windows per forward pass (default 4 on CUDA, 1 elsewhere).
         patch_size: Window size in voxels, overriding the spec's training window (e.g. small windows in tests).
         preprocessing: A ``PreprocessConfig`` replacing the spec's preprocessing (``fast`` is then ignored).
-        return_probabilities: Also return float16 probabilities on the input grid.
+        convention: Grid convention (:data:`universal.preprocess.CONVENTIONS`) replacing the preprocessing's:
+            ``"official"`` runs the official release's MONAI chain (the default of its checkpoints),
+            ``"universal"`` the project's own.
+        return_probabilities: Also return probabilities on the input grid (float16; float32 under the official
+            convention, as its chain gives them).
+        max_voxels: Most voxels the prepared grid of one CT may hold (``None``:
+            :data:`universal.preprocess.MAX_PREPARED_VOXELS`); a larger one is refused before it is allocated.
     """
 
     device: str | None = None
@@ -87,6 +93,8 @@ class PredictorSettings:
     patch_size: tuple[int, int, int] | None = None
     preprocessing: PreprocessConfig | None = None
     return_probabilities: bool = False
+    convention: str | None = None
+    max_voxels: int | None = None
 
     def __post_init__(self) -> None:
         if self.device is not None:
@@ -106,6 +114,8 @@ class PredictorSettings:
             )
         if self.postprocess is None:
             object.__setattr__(self, "postprocess", False)
+        if self.convention is not None and self.convention not in CONVENTIONS:
+            raise InputError(f"convention is {self.convention!r}; it must be one of {', '.join(CONVENTIONS)}")
         self._check_lists()
 
     def _check_lists(self) -> None:
@@ -122,6 +132,16 @@ class PredictorSettings:
             or self.sw_batch_size < 1
         ):
             raise InputError(f"sw_batch_size is {self.sw_batch_size!r}; it must be a positive integer")
+        if self.max_voxels is not None and (
+            isinstance(self.max_voxels, bool)
+            or not isinstance(self.max_voxels, (int, np.integer))
+            or self.max_voxels < 1
+        ):
+            raise InputError(
+                f"max_voxels is {self.max_voxels!r}; it must be a positive integer (None: the default limit)"
+            )
+        if self.max_voxels is not None:
+            object.__setattr__(self, "max_voxels", int(self.max_voxels))
         if self.patch_size is not None:  # validated by the same rule as the spec's window
             object.__setattr__(self, "patch_size", InferenceDefaults(patch_size=self.patch_size).patch_size)
         if self.preprocessing is not None and not isinstance(self.preprocessing, PreprocessConfig):
@@ -261,6 +281,8 @@ class Predictor:
             prep = spec.prepare_config(s.fast)
         else:
             prep = ModelSpec.prepare_config(_bare_spec(net), s.fast)
+        if s.convention is not None and s.convention != prep.convention:
+            prep = dataclasses.replace(prep, convention=s.convention)
         patch = s.patch_size or inference.patch_size
         divisor = int(getattr(net, "size_divisor", 1) or 1)
         if any(p % divisor for p in patch):
@@ -289,14 +311,19 @@ class Predictor:
         return seconds
 
     # ---------------------------------------------------------------------------------------------- running
-    def predict(self, volume_or_path: Any, progress: ProgressFn | None = None):
-        """Segment one CT (a :class:`~universal.io.Volume` or a path ``load_volume`` reads) → ``Segmentation``."""
+    def predict(self, volume_or_path: Any, progress: ProgressFn | None = None, *, series: str | None = None):
+        """Segment one CT (a :class:`~universal.io.Volume` or a path ``load_volume`` reads; ``series``: which DICOM
+        series of a folder / zip, a SeriesInstanceUID or SeriesNumber) → ``Segmentation``."""
         from universal import inference
 
-        return inference.run_pipeline(self, volume_or_path, progress)
+        return inference.run_pipeline(self, volume_or_path, progress, series=series)
 
     def predict_many(
-        self, inputs: Iterable[Any], progress: Callable[[int, Any, str, float], None] | None = None
+        self,
+        inputs: Iterable[Any],
+        progress: Callable[[int, Any, str, float], None] | None = None,
+        *,
+        series: str | None = None,
     ) -> Iterator[CaseResult]:
         """Segment each input in turn, yielding a :class:`CaseResult` per case; a failing case (a project error:
         unreadable file, not a CT, ...) is reported in its result and the next case runs. ``progress(i, source,
@@ -304,7 +331,7 @@ class Predictor:
         for i, source in enumerate(inputs):
             report = None if progress is None else (lambda st, f, i=i, src=source: progress(i, src, st, f))
             try:
-                yield CaseResult(source, self.predict(source, report))
+                yield CaseResult(source, self.predict(source, report, series=series))
             except UniversalError as exc:
                 yield CaseResult(source, None, str(exc))
 

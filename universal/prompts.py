@@ -27,7 +27,7 @@ use.
 >>> from universal.prompts import resolve_template
 >>> resolve_template("photo")
 'A photo of a {}'
->>> resolve_template("Contrast-enhanced CT showing")
+>>> resolve_template("Contrast-enhanced CT showing {}")
 'Contrast-enhanced CT showing {}'
 """
 
@@ -109,18 +109,19 @@ def list_templates() -> dict[str, str]:
 
 
 def resolve_template(key_or_text: str | None = None) -> str:
-    """Turn a template key, a template text or free text into a template with exactly the ``{}`` placeholder.
+    """Turn a template key or a template text into a template with the ``{}`` placeholder.
 
     Args:
         key_or_text: ``None`` (the default template), a key of ``TEMPLATES`` (case-insensitive, ``-`` or space
-            for ``_``), a text containing ``{}`` (used as is), or free text without ``{}``: then the class name
-            is appended after a space (``"CT scan of the"`` -> ``"CT scan of the {}"``).
+            for ``_``) or a text containing ``{}`` where the class name goes (used as is). Anything else is
+            refused: a misspelt key (``"bogus"``) must not silently become the prompt ``"bogus {}"``.
 
     Returns:
         The template text; ``template.replace("{}", prompt_name)`` gives the prompt.
 
     Raises:
-        InputError: an empty template, or braces other than ``{}`` (such as ``{name}``).
+        InputError: an empty template, a text that is neither a key nor holds ``{}`` (the message lists the
+            keys), or braces other than ``{}`` (such as ``{name}``).
 
     >>> resolve_template("there-is")
     'There is {} in this computerized tomography'
@@ -147,7 +148,10 @@ def resolve_template(key_or_text: str | None = None) -> str:
         )
     if "{}" in text:
         return text
-    return f"{text} {{}}"
+    raise InputError(
+        f"Unknown prompt template {key_or_text!r}: give a key ({', '.join(TEMPLATES)}) or a text with '{{}}' "
+        f"where the class name goes, e.g. {DEFAULT_TEMPLATE!r}."
+    )
 
 
 def format_prompt(template: str | None, cls: ClassInfo | str | int) -> str:
@@ -1027,7 +1031,7 @@ def encode_prompts(
 
     Args:
         classes: class names, indices or ``ClassInfo`` (see ``universal.taxonomy.resolve_classes``); ``None`` = all 32.
-        template: a template key, a text with ``{}`` or free text (see ``resolve_template``).
+        template: a template key or a text with ``{}`` (see ``resolve_template``).
         encoder: a ``TextEncoder`` or a spec for ``get_encoder`` (``"minilm"``, ``"clip"``, ``"table:<path>"``...).
         cache_dir: cache folder; ``None`` = ``default_cache_dir()``; ``False`` = no disk cache.
 

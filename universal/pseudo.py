@@ -73,14 +73,16 @@ class PseudoLabelConfig:
     Attributes:
         min_confidence: A predicted (non-empty) mask is accepted only if the mean probability inside it reaches
             this; otherwise the class stays unannotated for the case.
-        empty_as_negative: An empty prediction counts as an annotated "absent" (True) or stays unannotated.
+        empty_as_negative: An empty prediction counts as an annotated "absent" (True) or stays unannotated (False,
+            the default: a weak teacher that predicts nothing would otherwise teach "absent" everywhere — the
+            naive suppression that masked back-propagation exists to avoid).
         review_min_dsc: Flag a case when the model's prediction of a ground-truth class has a DSC below this.
         review_max_components: Flag an organ (other than naturally fragmented classes) with more components.
         review_min_confidence: Flag a case when an accepted pseudo-label's mean confidence is below this.
     """
 
     min_confidence: float = 0.75
-    empty_as_negative: bool = True
+    empty_as_negative: bool = False
     review_min_dsc: float = 0.5
     review_max_components: int = 1
     review_min_confidence: float = 0.85
@@ -266,7 +268,9 @@ def quality_flags(
             and comps > config.review_max_components
         ):
             flags.append(f"fragmented: {n} ({row['source']}) has {comps} components")
-        if row.get("source") == "dropped":
+        if row.get("source") == "dropped" and math.isnan(row.get("mean_confidence", math.nan)):
+            flags.append(f"empty: {n} is predicted nowhere; left unannotated")
+        elif row.get("source") == "dropped":
             flags.append(
                 f"low confidence: {n} mean p={row['mean_confidence']:.2f} < {config.min_confidence}; left unannotated"
             )

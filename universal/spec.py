@@ -329,16 +329,29 @@ def migrate_v1(config: Mapping[str, Any], extra: Mapping[str, Any] | None = None
 def official_spec(
     backbone: str, embed_dim: int, classes: tuple[str, ...], encoder: str, template: str
 ) -> ModelSpec:
-    """The spec of a checkpoint of the official release: 1.5 mm, HU [-175, 250], foreground crop, 96³ windows,
-    overlap 0.5 and threshold 0.5 as in the official inference (``../shared/reference/OFFICIAL_PIPELINE.md``)."""
+    """The spec of a checkpoint of the official release: its inference chain (``../shared/reference/
+    OFFICIAL_PIPELINE.md``), so that its weights reproduce the official outputs by default.
+
+    The ``"official"`` grid convention (MONAI's ``Spacingd`` to 1.5 mm, then the crop to the foreground of the
+    windowed image: HU above -175, no margin; back with ``Invertd``), HU window [-175, 250], 96³ windows, overlap
+    0.5 with MONAI 0.9.0's Gaussian blending, threshold 0.5, float32 forward passes (``precision="auto"`` is
+    faster on CUDA but changes probabilities by ~1e-3).
+    """
     return ModelSpec(
         backbone=backbone,
         classes=tuple(classes),
         encoder=encoder,
         template=template,
         embed_dim=int(embed_dim),
-        preprocessing=PreprocessConfig(spacing_mm=(1.5, 1.5, 1.5), hu_window=(-175.0, 250.0)),
-        inference=InferenceDefaults(patch_size=(96, 96, 96), overlap=0.5, threshold=0.5),
+        preprocessing=PreprocessConfig(
+            spacing_mm=(1.5, 1.5, 1.5),
+            hu_window=(-175.0, 250.0),
+            crop_foreground=True,
+            foreground_hu=-175.0,
+            margin_mm=0.0,
+            convention="official",
+        ),
+        inference=InferenceDefaults(patch_size=(96, 96, 96), overlap=0.5, threshold=0.5, precision="float32"),
         provenance=Provenance(
             source="official",
             notes="CLIP-Driven Universal Model release by Liu et al.; CC BY-NC-ND 4.0 (research only)",
