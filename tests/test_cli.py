@@ -311,3 +311,14 @@ def test_segment_overlap_option_reaches_the_report(files, tmp_path):
     assert main([*args, "--overlap", "0.6", "--threshold", "0.7"]) == 0
     report = json.loads((out / "case1" / "report.json").read_text())
     assert report["overlap"] == 0.6 and report["threshold"] == 0.7
+
+
+def test_max_voxels_option_bounds_the_prepared_grid(files, tmp_path, capsys):
+    args = ["segment", str(files["ct"]), "-o", str(tmp_path / "o"), "--weights", str(files["weights"]), "--fast"]
+    assert main([*args, "--max-voxels", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "limit" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "case1").exists()
+    assert main([*args, "--max-voxels", "0"]) == 2  # refused where it enters
+    assert "max_voxels" in capsys.readouterr().err
+    assert main(args) == 0  # the default limit lets a normal CT through

@@ -115,6 +115,9 @@ def _add_predictor_args(p: argparse.ArgumentParser, *, weights_help: str = "see 
     p.add_argument("--convention", default=None, choices=CONVENTIONS,
                    help="grid convention (default: the model's): official = the official release's MONAI chain "
                    "(the default of its checkpoints), universal = the project's own")  # fmt: skip
+    p.add_argument("--max-voxels", type=int, default=None, metavar="N",
+                   help="refuse a CT whose prepared grid would hold more voxels (memory bound; default: "
+                   "universal.preprocess.MAX_PREPARED_VOXELS)")  # fmt: skip
 
 
 def _settings_from_args(args: argparse.Namespace, **fixed: Any):
@@ -130,6 +133,7 @@ def _settings_from_args(args: argparse.Namespace, **fixed: Any):
         classes=tuple(args.classes) if args.classes else None,
         template=args.template,
         convention=args.convention,
+        max_voxels=args.max_voxels,
         **fixed,
     )
 
