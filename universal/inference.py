@@ -66,6 +66,7 @@ from universal.io import (
     save_mask,
     to_json,
 )
+from universal.predictor import model_device
 from universal.spec import PRECISIONS
 
 __all__ = [
@@ -279,7 +280,7 @@ def segment(
         threshold=threshold,
         fast=fast,
         postprocess=postprocess,
-        classes=None if classes is None else ((classes,) if isinstance(classes, str) else tuple(classes)),
+        classes=classes,
         template=template,
         sw_batch_size=sw_batch_size,
         patch_size=patch_size,
@@ -554,7 +555,7 @@ def sliding_window_predict(
     import torch
 
     classes = list(model.class_names if classes is None else classes)
-    device = torch.device(_model_device(model) if device is None else device)
+    device = torch.device(model_device(model) if device is None else device)
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3:
         raise ValueError(f"expected an (X, Y, Z) image, got shape {image.shape}")
@@ -776,12 +777,6 @@ def _head_chunking(net, batch: int, patch: Sequence[int], device):
         net.head_chunk_size = None
 
 
-def _model_device(model):
-    from universal.predictor import model_device
-
-    return model_device(model)
-
-
 def _check_input_type(volume_or_path) -> None:
     if isinstance(volume_or_path, (str, os.PathLike)) or (
         hasattr(volume_or_path, "array") and hasattr(volume_or_path, "affine")
@@ -832,7 +827,9 @@ def _info(predictor, prepared) -> dict[str, Any]:
         "crop_box": [list(b) for b in prepared.box],  # official convention: on the resampled grid
         "prepared_shape": list(prepared.shape),
         **(
-            {"resampled_shape": list(prepared.resampled_shape)} if hasattr(prepared, "resampled_shape") else {}
+            {"resampled_shape": list(prepared.resampled_shape)}
+            if hasattr(prepared, "resampled_shape")
+            else {}
         ),
         "blending": "monai-0.9.0" if prepared.config.convention == "official" else "monai-1.x",
         "classes": list(r.classes),

@@ -237,29 +237,26 @@ class Predictor:
     ) -> None:
         if settings is not None and kwargs:
             raise TypeError("pass either settings= or keyword settings, not both")
-        self.settings = settings if settings is not None else PredictorSettings(**kwargs)
-        self.device = resolve_device(self.settings.device)
+        settings = settings if settings is not None else PredictorSettings(**kwargs)
+        device = resolve_device(settings.device)  # before any weights are read
         t0 = time.perf_counter()
-        self._weights = weights
-        self._base, self.model_label = _load_base(weights)
-        self.model = _placed(self._base, self.settings.template, self.device, cached=not _is_module(weights))
-        self.resolved = self._resolve()
+        self._build(weights, *_load_base(weights), settings, device)
         self._load_seconds = time.perf_counter() - t0
 
-    @classmethod
-    def _from_loaded(cls, other: Predictor, settings: PredictorSettings) -> Predictor:
-        new = cls.__new__(cls)
-        new.settings = settings
-        new.device = resolve_device(settings.device)
-        new._weights, new._base, new.model_label = other._weights, other._base, other.model_label
-        new.model = _placed(new._base, settings.template, new.device, cached=not _is_module(other._weights))
-        new.resolved = new._resolve()
-        new._load_seconds = 0.0
-        return new
+    def _build(self, weights: Any, base: Any, label: str, settings: PredictorSettings, device: Any) -> None:
+        """Place the loaded ``base`` model for ``settings`` and resolve the values every run uses."""
+        self.settings, self.device = settings, device
+        self._weights, self._base, self.model_label = weights, base, label
+        self.model = _placed(base, settings.template, device, cached=not _is_module(weights))
+        self.resolved = self._resolve()
 
     def with_settings(self, **changes: Any) -> Predictor:
         """A Predictor with some settings changed, sharing the loaded weights (no reload)."""
-        return Predictor._from_loaded(self, self.settings.replace(**changes))
+        settings = self.settings.replace(**changes)
+        new = Predictor.__new__(Predictor)
+        new._build(self._weights, self._base, self.model_label, settings, resolve_device(settings.device))
+        new._load_seconds = 0.0
+        return new
 
     # ------------------------------------------------------------------------------------------- properties
     @property
@@ -277,10 +274,8 @@ class Predictor:
         spec = self.spec
         if s.preprocessing is not None:
             prep = s.preprocessing
-        elif spec is not None:
-            prep = spec.prepare_config(s.fast)
         else:
-            prep = ModelSpec.prepare_config(_bare_spec(net), s.fast)
+            prep = (spec or _bare_spec(net)).prepare_config(s.fast)
         if s.convention is not None and s.convention != prep.convention:
             prep = dataclasses.replace(prep, convention=s.convention)
         patch = s.patch_size or inference.patch_size

@@ -37,6 +37,7 @@ from types import MappingProxyType
 from typing import Any
 
 from universal.errors import CheckpointError, InputError
+from universal.io import to_json
 from universal.preprocess import PreprocessConfig
 
 __all__ = [
@@ -147,7 +148,8 @@ class Provenance:
 
 
 def _frozen(value: Any) -> Any:
-    """Backbone kwargs as immutable plain values (lists → tuples, dicts → read-only mappings)."""
+    """Backbone kwargs as immutable plain values (lists → tuples, dicts → read-only mappings); the inverse is
+    :func:`universal.io.to_json`."""
     if isinstance(value, Mapping):
         return MappingProxyType({str(k): _frozen(v) for k, v in value.items()})
     if isinstance(value, (list, tuple)):
@@ -155,15 +157,6 @@ def _frozen(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise _bad("backbone_kwargs", value, "its values must be numbers, strings, lists or mappings")
-
-
-def _plain(value: Any) -> Any:
-    """The inverse of :func:`_frozen`: plain dicts and lists (what a checkpoint stores)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 @dataclass(frozen=True)
@@ -223,14 +216,14 @@ class ModelSpec:
         return {
             "version": self.version,
             "backbone": self.backbone,
-            "backbone_kwargs": _plain(self.backbone_kwargs),
+            "backbone_kwargs": to_json(self.backbone_kwargs),
             "classes": list(self.classes),
             "encoder": self.encoder,
             "template": self.template,
             "embed_dim": self.embed_dim,
-            "preprocessing": _plain(dataclasses.asdict(self.preprocessing)),
-            "inference": _plain(dataclasses.asdict(self.inference)),
-            "provenance": _plain(dataclasses.asdict(self.provenance)),
+            "preprocessing": to_json(dataclasses.asdict(self.preprocessing)),
+            "inference": to_json(dataclasses.asdict(self.inference)),
+            "provenance": to_json(dataclasses.asdict(self.provenance)),
         }
 
     @classmethod

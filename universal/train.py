@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from universal.errors import CheckpointError, InputError
+from universal.io import to_json
 
 __all__ = [
     "DataSection",
@@ -430,14 +431,6 @@ _PATH_KEYS = tuple(
 )
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """A checked training config: one typed, frozen section per part (see ``docs/CONFIG.md``).
@@ -460,7 +453,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain values (str, int, float, bool, None, lists, dicts), section by section."""
-        return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in _SECTIONS}
+        return {name: to_json(dataclasses.asdict(getattr(self, name))) for name in _SECTIONS}
 
 
 # ------------------------------------------------------------------------------------------------------- config
