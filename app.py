@@ -17,17 +17,21 @@ from typing import Any
 
 import numpy as np
 import streamlit as st
+from PIL import Image
 
 from universal import app_logic as al
+from universal import correct_session as fix
 from universal import dashboard as dash
 from universal import viz
+from universal import weights_panel as wp
 from universal.app_state import DashboardState, RunSettings
 from universal.errors import UniversalError
+from universal.finetune import FinetuneConfig
 
 APP_TITLE = "universal — text-prompted organ and tumour segmentation in CT"
 VIEWS = ["axial", "coronal", "sagittal"]
 SOURCES = ["Built-in sample", "Upload a file", "Path on the server"]
-TABS = ["Segmentation", "3-D", "Evaluate", "Compare prompts", "Download"]
+TABS = ["Segmentation", "Correct", "3-D", "Evaluate", "Compare prompts", "Download"]
 CONFIG = al.DashboardConfig.from_env(project_root=Path(__file__).resolve().parent)
 ERROR, PLAY = ":material/error:", ":material/play_arrow:"
 PAGE = {"persist_state": "page"}  # widgets of a tab keep their value while another tab is open
@@ -97,6 +101,30 @@ def _encoder_picker(where: Any, label: str, own: str, key: str, **kw: Any) -> st
     return None if e in (own, "") else e
 
 
+def _download_box(offer: wp.WeightsOffer) -> None:
+    """The Download control of a registry source: licence and acceptance, size, progress bar, sha256."""
+    if offer.cached:
+        st.caption(f"{offer.name}: downloaded; {offer.sha_line}")
+        return
+    with st.expander(offer.title, expanded=True, icon=":material/download:"):
+        for line in offer.lines:
+            st.caption(line)
+        accepted = True
+        if offer.needs_checkbox:
+            accepted = st.checkbox(offer.accept_label, key=f"accept_{offer.name}")
+        if not st.button("Download", key=f"download_{offer.name}", disabled=not accepted, width="stretch"):
+            return
+        bar = st.progress(0.0, text=f"Connecting for {offer.name}…")
+        try:
+            sha = wp.download(offer.name, accepted, lambda f, text: bar.progress(f, text=text))
+        except UniversalError as exc:
+            st.error(str(exc), icon=ERROR)
+            return
+        st.success(f"Downloaded {offer.name}; sha256 `{sha}`")
+        _options.clear()  # the Model selector lists it as available now
+        st.rerun()
+
+
 # ============================================================================================ sidebar: input
 samples = {s.key: s for s in al.list_samples(CONFIG.data_dir)}
 with st.sidebar:
@@ -133,9 +161,11 @@ with st.sidebar:
     model_key = st.selectbox("Model", [*choices, al.CHECKPOINT], format_func=label, key="model")
     checkpoint = None
     if model_key == al.CHECKPOINT:
-        checkpoint = st.text_input("Checkpoint on the server (.pt/.pth)", key="checkpoint").strip() or None
+        checkpoint = st.text_input(T["checkpoint_input"], key="checkpoint").strip() or None
     for kind, note, kw in al.model_notes(choices, model_key):
         getattr(st, kind)(note, **kw)
+    if offer := wp.offer(model_key):
+        _download_box(offer)
     encoder = _encoder_picker(st, "Text encoder", "model's own", "encoder")
     template = _template_picker(st, "template_key", "Prompt template", 0, "A computerized tomography of a {}")
     quick = dash.class_groups(inp.classes)
@@ -186,7 +216,7 @@ for kind, text, kw in dash.run_messages(state, settings):
 
 # ============================================================================================ tabs
 # stateful tabs: only the open tab's code runs, so a 3-D mesh or an evaluation is computed when looked at
-tab_seg, tab_3d, tab_eval, tab_cmp, tab_dl = st.tabs(TABS, key="tab", on_change="rerun")
+tab_seg, tab_fix, tab_3d, tab_eval, tab_cmp, tab_dl = st.tabs(TABS, key="tab", on_change="rerun")
 
 
 def _view_controls(prefix: str, shape: tuple[int, ...]) -> tuple[str, int]:
@@ -253,6 +283,7 @@ with tab_seg:
                 share = st.column_config.ProgressColumn(min_value=0.0, max_value=1.0, format="percent")
                 columns = {"seconds": st.column_config.NumberColumn(format="%.2f s"), "share": share}
                 st.dataframe(dash.timings_table(result), hide_index=True, column_config=columns)
+                st.dataframe(dash.efficiency_table(result), hide_index=True)  # FLARE's per-case numbers
 
 
 # -------------------------------------------------------------------------------------------- 3-D
@@ -286,6 +317,122 @@ with tab_3d:
         st.info("Run a segmentation to see the 3-D view.")
     elif tab_3d.open:
         mesh_view()
+
+
+# -------------------------------------------------------------------------------------------- correct
+def _draw(img: np.ndarray, key: str, name: str, tool: str, size: int, view: str, idx: int) -> int:
+    """The drawing surface of the tool on the slice image; applies what was drawn or clicked (voxels changed)."""
+    from streamlit_drawable_canvas import st_canvas
+    from streamlit_image_coordinates import streamlit_image_coordinates
+
+    hw = img.shape[:2]
+    if fix.TOOLS[tool] == "component":
+        click = streamlit_image_coordinates(img, key=f"{key}_click", width=hw[1], cursor="crosshair")
+        point = fix.click_point(click, hw)
+        return fix.remove_component(state, name, view, idx, point, hw) if point else 0
+    drawn = st_canvas(stroke_width=size, stroke_color=fix.stroke_css(name, tool), background_image=Image.fromarray(img),
+                      height=hw[0], width=hw[1], drawing_mode="freedraw", key=f"{key}_canvas")  # fmt: skip
+    strokes = fix.canvas_strokes(drawn.json_data)
+    return fix.apply_strokes(state, name, view, idx, strokes, fix.TOOLS[tool], hw) if strokes else 0
+
+
+def _edit_buttons(name: str, view: str, idx: int) -> int:
+    record = fix.correction_of(state)
+    c1, c2 = st.columns(2)
+    changed = c1.button("Undo", key="fix_undo", icon=":material/undo:", disabled=not record.history.can_undo,
+                        width="stretch") and fix.undo(state)  # fmt: skip
+    changed |= c2.button("Redo", key="fix_redo", icon=":material/redo:", disabled=not record.history.can_redo,
+                         width="stretch") and fix.redo(state)  # fmt: skip
+    n = st.number_input("Neighbour slices (each side)", 1, 20, 2, key="fix_n", **PAGE)
+    if st.button(f"Copy this slice of {name} to {n} neighbours each side", key="fix_copy", width="stretch"):
+        changed |= bool(fix.copy_to_neighbours(state, name, view, idx, int(n)))
+    with st.container(key="fix_volume"):
+        st.markdown(fix.volume_text(state, name))
+    st.caption(record.last or fix.TEXT["help"])
+    return int(bool(changed))
+
+
+def correct_editor() -> None:
+    """Brush / eraser / remove-component on the current slice; every edit updates the run's masks."""
+    record = fix.correction_of(state)
+    left, right = st.columns([3, 2], gap="medium")
+    with right:
+        name = st.selectbox("Class to correct", list(seg.masks), key="fix_class", **PAGE)
+        tool = _radio("Tool", list(fix.TOOLS), "fix_tool")
+        size = st.slider("Brush size (pixels)", 2, 60, 14, key="fix_brush", **PAGE)
+        view, idx = _view_controls("fix", volume.array.shape)
+        changed = _edit_buttons(name, view, idx)
+    with left:
+        draw = {"opacity": 0.35, "window": ss.get("window", "abdomen"), "spacing": volume.spacing}
+        img = viz.slice_overlay(volume.array, seg.masks, view, idx, **draw).square(min_size=512)
+        changed |= _draw(img, f"fix_{record.run_id}_{record.version}_{view}_{idx}", name, tool, size, view, idx)
+        st.caption(dash.slice_caption(view, idx))
+    if changed:
+        st.rerun()  # the overlay, the volumes and every other view show the edited masks
+
+
+def _save_case(record: Any) -> None:
+    st.subheader("Save as training case")
+    corrected = record.history.corrected
+    options = list(seg.masks)
+    pick = st.multiselect("Classes to annotate (the corrected ones; the others stay unannotated)", options,
+                          corrected, key=f"fix_annotate_{record.run_id}_{len(corrected)}")  # fmt: skip
+    if st.button("Save as training case", key="fix_save", disabled=not pick, icon=":material/save:"):
+        try:
+            case = fix.save_training_case(state, pick)
+            st.success(fix.TEXT["saved"].format(name=case.name, classes=", ".join(case.annotated)))
+        except (UniversalError, OSError) as exc:
+            st.error(str(exc), icon=ERROR)
+    rows = fix.cases_table()
+    st.markdown(f"**Corrections dataset** `{fix.corrections_root() / 'dataset'}`: {len(rows)} case(s)")
+    if rows:
+        _table(rows)
+
+
+def _finetune_status() -> None:
+    job = ss.get("finetune_job")
+    if job is None:
+        return
+    kind, text = fix.job_message(job)
+    getattr(st, kind)(text)
+    if job.running:
+        st.progress(job.fraction)
+        st.button("Stop", key="ft_stop", on_click=job.stop, icon=":material/stop:")
+    elif ss.get("finetune_shown") is not job:  # finished: the Model box lists the new model after a rerun
+        ss["finetune_shown"] = job
+        _options.clear()
+        st.rerun()
+
+
+def _finetune_panel() -> None:
+    st.subheader("Fine-tune on the saved cases")
+    job, defaults = ss.get("finetune_job"), FinetuneConfig()
+    c1, c2, c3, c4 = st.columns([1, 1, 1, 1], vertical_alignment="bottom")
+    steps = c1.number_input("Steps", 1, 5000, defaults.steps, key="ft_steps", **PAGE)
+    mix = c2.number_input("Phantom cases mixed in", 0, 8, defaults.mix_phantom, key="ft_mix", **PAGE)
+    anchor = c3.checkbox("Anchor the other classes", defaults.anchor, key="ft_anchor", help=fix.TEXT["anchor"])
+    busy = job is not None and job.running
+    if c4.button("Fine-tune", key="ft_start", disabled=busy or not fix.cases_table(), icon=PLAY):
+        try:
+            weights = fix.finetune_weights(result.settings.weights)
+            config = FinetuneConfig(steps=int(steps), mix_phantom=int(mix), anchor=bool(anchor))
+            ss["finetune_job"] = fix.FinetuneJob(fix.corrections_root() / "dataset", weights,
+                                                 fix.new_model_path(weights=weights), config).start()  # fmt: skip
+        except UniversalError as exc:
+            st.error(str(exc), icon=ERROR)
+    running = ss.get("finetune_job") is not None and ss["finetune_job"].running
+    st.fragment(_finetune_status, run_every=1.0 if running else None)()
+
+
+with tab_fix:
+    if tab_fix.open and seg is None:
+        st.info("Run a segmentation to correct it.")
+    elif tab_fix.open:
+        if "fix" not in state.view_defaults:  # start each view on the slice through the masks' centre
+            state.view_defaults["fix"] = dash.mask_centres(seg.masks)
+        correct_editor()
+        _save_case(fix.correction_of(state))
+        _finetune_panel()
 
 
 # -------------------------------------------------------------------------------------------- evaluate
@@ -404,9 +551,9 @@ with tab_dl:
     elif tab_dl.open:
         st.markdown(T["downloads"])
         files, cols = dash.downloads(state), st.columns(4)  # the NIfTI files are written on the first click
-        for col, f in zip(cols, files):
-            col.download_button(f.label, f.data, f.file_name, f.mime, key=f.key, on_click="ignore")
-        if len(files) < len(cols):
+        for i, f in enumerate(files):
+            cols[i % 4].download_button(f.label, f.data, f.file_name, f.mime, key=f.key, on_click="ignore")
+        if "dl_metrics" not in {f.key for f in files}:
             cols[-1].caption("metrics.csv: evaluate first (Evaluate tab).")
 
 

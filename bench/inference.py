@@ -14,13 +14,17 @@ GPU max allocated when CUDA is used) for
 - ``segment fast``: ``fast=True`` (3 mm).
 
 and the minimum per-class DSC of each ``segment`` variant against the reference (``segment@0.5`` must be
-≥ 0.999: same algorithm, different implementation). Cases: the real CT ``../shared/data/ts_cta_1p5mm_unlabeled``
-(233×167×191 at 1.5 mm) and the synthetic phantom (128×128×96 at 1.5 mm).
+≥ 0.999: same algorithm, different implementation). Cases: the real CTs of ``../shared/data`` —
+``ts_cta_1p5mm_unlabeled`` (233×167×191 at 1.5 mm), ``ts_aorta_1p5mm``, ``ts_abdomen_3mm`` — and the synthetic
+phantom (128×128×96 at 1.5 mm). The per-stage times (preprocess/inference/postprocess/resample) of ``segment``
+(standard) and ``segment fast`` with the trained built-in weights are the numbers to quote (issue 16):
+``python bench/inference.py --variants segment "segment fast"``.
 
 Weights (one table each; ``--weights``): ``random``, a randomly initialised segresnet for all 32 classes at the
 paper's 1.5 mm and 96³ windows (one-hot prompts, fixed seed, heads calibrated so that every class gives a
 non-trivial mask: ``reference_inference.calibrated_random_model``), and ``builtin``, the shipped checkpoint
-``universal/resources/builtin.pt`` with its own classes, spacing and training window (when it exists).
+``universal/resources/builtin.pt`` with its own classes, spacing and training window (when it exists). The default
+is ``builtin``: random weights make connected components artificially slow and misrepresent post-processing.
 
 Usage::
 
@@ -59,6 +63,8 @@ VARIANTS = {
 }
 CASES = {
     "ts_cta": "ts_cta_1p5mm_unlabeled/ct.nii.gz",
+    "ts_aorta": "ts_aorta_1p5mm/ct.nii.gz",
+    "ts_abdomen": "ts_abdomen_3mm/ct.nii.gz",
     "phantom": None,
 }
 PHANTOM_SHAPE = (128, 128, 96)
@@ -251,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         choices=list(WEIGHTS),
         default=None,
-        help="model(s) to bench (default: random, and builtin when universal/resources/builtin.pt exists)",
+        help="model(s) to bench (default: builtin, the trained model, whose realistic masks make post-processing "
+        "representative; random when universal/resources/builtin.pt is absent)",
     )
     p.add_argument("--worker", nargs=4, metavar=("CASE", "VARIANT", "WEIGHTS", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -263,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    weights_list = args.weights or (["random", "builtin"] if BUILTIN.exists() else ["random"])
-    if "ts_cta" in args.cases and not (SHARED / CASES["ts_cta"]).exists():
-        print(f"skipping ts_cta: {SHARED / CASES['ts_cta']} is absent", file=sys.stderr)
-        args.cases = [c for c in args.cases if c != "ts_cta"]
+    weights_list = args.weights or (["builtin"] if BUILTIN.exists() else ["random"])
+    for case in [c for c in args.cases if CASES[c] is not None and not (SHARED / CASES[c]).exists()]:
+        print(f"skipping {case}: {SHARED / CASES[case]} is absent", file=sys.stderr)
+        args.cases = [c for c in args.cases if c != case]
     cpu = os.cpu_count()
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
         for weights in weights_list:

@@ -125,3 +125,23 @@ def check_kind(kind: Kind, tmp_path: Path) -> None:
         if kind.code not in (0, None) and not kind.extra.get("partial_ok"):
             now = sorted(str(q) for q in out.rglob("*")) if out.is_dir() else []
             assert now == existed, f"{kind.name}: a failed run changed the output folder: {set(now) - set(existed)}"
+
+
+def tiny_checkpoint(path: Path, classes: list[str]) -> Path:
+    """A tiny random-weights SegResNet checkpoint for ``classes`` (one-hot prompts, 6 mm, 16³ windows): a model
+    that runs a small CT in a fraction of a second, for tests of what happens around inference."""
+    import numpy as np
+
+    from universal.model import create_model, save_checkpoint
+    from universal.preprocess import PreprocessConfig
+    from universal.spec import InferenceDefaults
+
+    model = create_model(
+        "segresnet",
+        classes=classes,
+        encoder="onehot",
+        embeddings=np.eye(len(classes), 32, dtype="float32"),
+        preprocessing=PreprocessConfig(spacing_mm=6.0),
+        inference=InferenceDefaults(patch_size=(16, 16, 16)),
+    )
+    return Path(save_checkpoint(model, path))

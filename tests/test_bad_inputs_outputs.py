@@ -193,6 +193,10 @@ def _two_cases(tmp: Path):
     return made([ct(tmp / "a"), ct(tmp / "b")], tmp / "o")
 
 
+def _two_cases_in_turn(tmp: Path):  # the second CT read after the first is written (prefetch reads it meanwhile)
+    return made([ct(tmp / "a"), ct(tmp / "b")], tmp / "o", extra=("--prefetch", "0"))
+
+
 def _after_second_only(tmp):
     assert sorted(p.name for p in (tmp / "o").iterdir()) == ["b_ct"]
     whole(tmp / "o" / "b_ct")
@@ -327,7 +331,7 @@ KINDS = [
     Kind("sigterm_during_final_rename", _one_case, code=143,
          before="killed without a message (no final rename then: the last write left a case without report.json)",
          extra={"patch": [on_call("os.rename", 1, "SIGTERM")], "after": _after_whole_one, "partial_ok": True}),
-    Kind("sigint_while_reading_second_case", _two_cases, code=130, before="ok (first case whole, exit 130)",
+    Kind("sigint_while_reading_second_case", _two_cases_in_turn, code=130, before="ok (first case whole, exit 130)",
          extra={"patch": [on_call(READ, 2, "SIGINT")], "after": _after_first_only, "partial_ok": True}),
     Kind("sigterm_during_rerun_keeps_earlier_case", _rerun_fails_midway, code=143,
          before="killed without a message; the earlier case folder half overwritten",

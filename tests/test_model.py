@@ -542,7 +542,7 @@ def test_download_offline_says_how_to_download_by_hand(monkeypatch, tmp_path) ->
 
     monkeypatch.setattr("urllib.request.urlopen", offline)
     with pytest.raises(DownloadError) as info:
-        load_pretrained("universal-unet")
+        load_pretrained("universal-unet", accept_licence=True)
     message = str(info.value)
     assert PRETRAINED["universal-unet"]["url"] in message and "pass its path" in message
     assert not list((tmp_path / "weights").glob("*"))  # nothing half-written

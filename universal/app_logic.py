@@ -372,17 +372,18 @@ def model_choices() -> list[ModelChoice]:
     """
     choices: list[ModelChoice] = []
     try:
-        from universal.model import PRETRAINED
+        from universal.model import sources
+
+        registry = sources.sources()  # built-in entries and $UNIVERSAL_WEIGHTS_REGISTRY's
     except Exception as exc:  # noqa: BLE001 - the app must still start
         return [ModelChoice(DEMO_MODEL, DEMO_MODEL_LABEL, True, f"model registry unavailable: {exc}")]
-    for name, entry in PRETRAINED.items():
-        entry = dict(entry) if isinstance(entry, Mapping) else {}
+    for name, entry in registry.items():
         ok, why = pretrained_available(name)
-        lic = entry.get("licence") or entry.get("license") or ""
-        label = name + (f" ({entry.get('backbone')})" if entry.get("backbone") else "")
-        if lic:
-            label += f" — {lic}"
+        label = name + (f" ({entry.backbone})" if entry.backbone else "") + f" — {entry.licence}"
         choices.append(ModelChoice(name, label, ok, why))
+    from universal.correct_session import finetuned_choices
+
+    choices += finetuned_choices()  # the Correct tab's fine-tuned models (local files)
     choices.sort(key=lambda c: (not c.available, c.key != "builtin"))
     demo = ModelChoice(DEMO_MODEL, DEMO_MODEL_LABEL, True, "random weights: the masks are meaningless")
     if not any(c.available for c in choices):
@@ -420,10 +421,11 @@ def model_notes(choices: Mapping[str, ModelChoice], key: str) -> list[tuple[str,
 def pretrained_available(name: str) -> tuple[bool, str]:
     """Whether the weights ``name`` of ``PRETRAINED`` are on this machine (never downloads), and if not, why."""
     try:
-        from universal.model import checkpoints
+        from universal.model import checkpoints, sources
+
+        entry = sources.sources().get(name)
     except Exception as exc:  # noqa: BLE001
         return False, str(exc)
-    entry = checkpoints.PRETRAINED.get(name)
     if entry is None:
         return False, f"{name!r} is not a known weights name"
     if name == "builtin":
@@ -433,13 +435,9 @@ def pretrained_available(name: str) -> tuple[bool, str]:
             "the built-in weights are not shipped yet (universal/resources/builtin.pt is missing); "
             "train one with `universal train` and load its checkpoint"
         )
-    path = checkpoints.cache_dir() / str(entry.get("filename", f"{name}.pth"))
-    if path.is_file():
+    if sources.cached_path(entry).is_file():
         return True, ""
-    return (
-        False,
-        f"not downloaded (run `python -c \"import universal; universal.load_pretrained('{name}')\"`)",
-    )
+    return False, f"not downloaded: use its Download box below, or run `universal models download {name}`"
 
 
 def load_model(
@@ -459,6 +457,8 @@ def load_model(
     if key == CHECKPOINT:
         if not checkpoint:
             raise CheckpointError("give the path of a checkpoint file (.pt/.pth) to load")
+        if m.sources.is_hub_spec(checkpoint):  # hf-hub:ORG/REPO[:FILE][@REVISION]
+            return m.load_pretrained(str(checkpoint).strip())
         p = Path(str(checkpoint)).expanduser()
         if not p.is_file():
             raise CheckpointError(

@@ -160,6 +160,7 @@ class DashboardState:
     evaluation: EvaluationRecord | None = None
     mesh: MeshRecord | None = None
     downloads: DownloadRecord | None = None
+    correction: Any = None  # universal.correct_session.CorrectionRecord of the current run (the Correct tab)
     view_defaults: dict[str, dict[str, int]] = field(default_factory=dict)
     n_segment_runs: int = 0
     last_render_s: float = 0.0
@@ -189,7 +190,7 @@ class DashboardState:
 
     def clear_results(self) -> None:
         """Forget the run and everything derived from it (the input and the loaded reference stay)."""
-        self.run = self.compare = self.evaluation = self.mesh = self.downloads = None
+        self.run = self.compare = self.evaluation = self.mesh = self.downloads = self.correction = None
 
     def set_run(self, run: RunRecord) -> None:
         """A new run (one segmentation more) replaces the previous one and what was derived from it."""

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from universal.batch import case_names as _case_names  # noqa: F401 - the naming rule (tests use it)
+from universal.batch import os_error_text as _os_error_text
 from universal.errors import InputError, UniversalError
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -28,6 +30,8 @@ _SEGMENT_EXAMPLES = """examples:
   universal segment scan1.nii.gz dicom_folder/ series.zip -o out/ --classes liver spleen "liver tumor"
   universal segment ct.nrrd -o out/ --fast --template "There is {} in this computerized tomography"
   universal segment ct.nii.gz -o out/ --weights universal-unet --device cuda
+  universal segment cts/ 'more/*.nii.gz' list.csv -o out/ --fast     # a folder, a pattern, a manifest
+  torchrun --nproc_per_node 4 -m universal.cli segment list.csv -o out/  # 4 GPUs, each its share of the list
 
 Per case it writes OUTDIR/<case>/masks/<class_name>.nii.gz (uint8, on the input grid),
 OUTDIR/<case>/labels.nii.gz (one label map, universal ids, tumours drawn over organs) and
@@ -40,8 +44,15 @@ a leading dot is dropped). The same input given twice is refused.
 
 A case folder appears whole or not at all: it is written into a hidden .<case>.*.tmp folder beside it and
 renamed into place when complete, so a full disk, an error, Ctrl+C or SIGTERM leave no half-written case and
-no temporary file. An earlier result in OUTDIR/<case> is replaced as a whole (no mask of an earlier run with
-other classes stays); a file, or a folder holding anything else, is never replaced (exit 2).
+no temporary file. An earlier result in OUTDIR/<case> that is complete and was made with the same model and
+settings is skipped, so a rerun resumes an interrupted batch (--overwrite redoes it); one made with other
+settings is replaced as a whole (no mask of an earlier run with other classes stays); a file, or a folder
+holding anything else, is never replaced (exit 2).
+
+Batches: the model loads once; the next CT is read while the current one runs (--prefetch); the summary
+(PATH.csv, PATH.json: status, error, times, FLARE efficiency numbers, volumes per case) is written at the end,
+now and then, and on Ctrl+C/SIGTERM. Under torchrun or Slurm srun each rank takes every WORLD_SIZE-th case on
+its own device (cuda:LOCAL_RANK), and rank 0 merges the ranks' summaries.
 
 Checked before the model loads: the options, the device, the inputs' output names, and OUTDIR (a folder, or
 creatable; writable; at least 1 MiB free). A case that fails later (unreadable, not a CT, out of memory,
@@ -139,147 +150,45 @@ def _settings_from_args(args: argparse.Namespace, **fixed: Any):
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    """Plan the batch (inputs, names, folders and options checked before the model loads), load the model once,
+    run this rank's cases (:class:`universal.batch.BatchRunner`; ranks from torchrun / Slurm)."""
+    from universal import batch, distributed
     from universal.predictor import Predictor, resolve_device
 
+    ranks = distributed.detect()
     out = Path(args.output)
     settings = _settings_from_args(args)  # every option, before anything is created or loaded
-    resolve_device(settings.device)  # an absent device is said before the model loads
-    case_dirs = [out / name for name in _case_names(args.inputs)]
-    _check_case_dirs(args.inputs, case_dirs)
-    created = _prepare_output(out)
+    device = distributed.device_for(ranks, settings.device)  # several ranks: cuda:LOCAL_RANK each
+    if device != settings.device:
+        settings = settings.replace(device=device)
+    resolved = resolve_device(settings.device)  # an absent device is said before the model loads
+    plan = batch.plan_batch(args.inputs, out, _batch_settings(args), ranks)
+    created, started = _prepare_output(out), False
     try:
+        started = distributed.init(ranks, resolved)  # several ranks: gloo (CPU) or nccl (CUDA)
         predictor = Predictor(args.weights, settings)
-        failures = _segment_cases(predictor, args.inputs, case_dirs, args.series)
+        bars = None if ranks.distributed else _progress_bar  # one bar per rank would garble the terminal
+        result = batch.BatchRunner(predictor, plan, case_progress=bars).run()
     finally:
+        distributed.shutdown(started)
         _remove_if_empty(created)  # nothing written (a refused model, every case failed, interrupted)
-    return _batch_exit(failures, len(args.inputs))
+    if result.summary is not None and ranks.main:
+        print(f"summary: {result.summary}.csv and {result.summary}.json")
+    return _batch_exit(result.failures, len(plan.mine))
 
 
-def _segment_cases(
-    predictor: Any, inputs: Sequence[str], case_dirs: Sequence[Path], series: str | None = None
-) -> list[tuple[str, str]]:
-    """Segment and save each case in turn; a case that fails is one line and the next one runs. Returns the
-    failures as ``(input, message)``."""
-    failures: list[tuple[str, str]] = []
-    n = len(inputs)
-    for i, (source, case_dir) in enumerate(zip(inputs, case_dirs)):
-        label = f"[{i + 1}/{n}] {source}"
-        bar: list[Any] = []
+def _batch_settings(args: argparse.Namespace):
+    """The :class:`universal.batch.BatchSettings` of the parsed options (an option left out keeps its default)."""
+    from universal.batch import BatchSettings
 
-        def progress(_: int, src: Any, stage: str, fraction: float, label=label, bar=bar) -> None:
-            if not bar:
-                bar.extend(_progress_bar(label))
-            bar[1](stage, fraction)
-
-        try:
-            result, error = _segment_one(predictor, source, case_dir, progress, series)
-        finally:
-            if bar:
-                bar[0].close()
-        if error is not None:
-            failures.append((str(source), error))
-            print(f"{label}: failed: {error}", file=sys.stderr)
-            continue
-        present = [c for c, m in result.masks.items() if m.any()]
-        t = result.timings.get("total", float("nan"))
-        print(f"{label}: {len(present)}/{len(result.masks)} classes found in {t:.1f} s -> {case_dir}")
-    return failures
-
-
-def _segment_one(
-    predictor: Any, source: str, case_dir: Path, progress: Any, series: str | None = None
-) -> tuple[Any, str | None]:
-    """One case: segment, then write its folder as a whole → ``(segmentation, None)`` or ``(None, message)``.
-
-    Any exception of one case (a project error, an unreadable file, out of memory, a full disk, an unexpected
-    error of a library) becomes its one-line message; only an interruption stops the batch."""
-    try:
-        case = next(iter(predictor.predict_many([source], progress, series=series)))
-    except Exception as exc:  # noqa: BLE001 - one case's failure never stops the batch
-        return None, _error_line(exc)
-    if not case.ok:
-        return None, str(case.error)
-    try:
-        case.segmentation.save(case_dir)
-    except OSError as exc:
-        return None, f"cannot write {case_dir}: {_os_error_text(exc)}"
-    except Exception as exc:  # noqa: BLE001
-        return None, f"cannot write {case_dir}: {_error_line(exc)}"
-    return case.segmentation, None
-
-
-def _error_line(exc: BaseException) -> str:
-    """One line for an exception: the message of a project error, else the kind and the first line of the text."""
-    if isinstance(exc, UniversalError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        return _os_error_text(exc)
-    text = str(exc).strip().splitlines()
-    if isinstance(exc, MemoryError):
-        return f"out of memory ({text[0] if text else 'MemoryError'}): try --fast or fewer --classes"
-    return f"unexpected {type(exc).__name__}" + (f": {text[0]}" if text else "")
-
-
-def _os_error_text(exc: OSError) -> str:
-    """``No space left on device: out/ct`` rather than ``[Errno 28] ...`` (hidden temporary names left out)."""
-    what = exc.strerror or str(exc) or type(exc).__name__
-    name = exc.filename
-    parts = Path(str(name)).parts if name is not None else ()
-    hidden = any(p.startswith(".") and p not in (".", "..") for p in parts)
-    return what if name is None or hidden else f"{what}: {name}"
-
-
-def _case_names(inputs: Sequence[str]) -> list[str]:
-    """The output folder name of each input (the rule of ``universal segment --help``): its case name; names that
-    occur more than once (ignoring case) get their parent folder's name in front (``a/ct.nii.gz``, ``b/ct.nii.gz``
-    → ``a_ct``, ``b_ct``), and names still equal get ``_2``, ``_3``, ... in input order.
-
-    >>> _case_names(["a/ct.nii.gz", "b/ct.nii.gz", "c/liver.nrrd", "x/a/ct.nii.gz"])
-    ['a_ct', 'b_ct', 'liver', 'a_ct_2']
-    """
-    from collections import Counter
-
-    from universal.io import case_name
-
-    paths = [Path(os.path.abspath(p)) for p in inputs]
-    names = [case_name(p).lstrip(".") or "case" for p in paths]
-    counts = Counter(n.casefold() for n in names)
-    names = [
-        f"{p.parent.name.lstrip('.')}_{n}" if counts[n.casefold()] > 1 and p.parent.name.lstrip(".") else n
-        for p, n in zip(paths, names)
-    ]
-    used: set[str] = set()
-    result = []
-    for n in names:
-        candidate, k = n, 1
-        while candidate.casefold() in used:
-            k += 1
-            candidate = f"{n}_{k}"
-        used.add(candidate.casefold())
-        result.append(candidate)
-    return result
-
-
-def _check_case_dirs(inputs: Sequence[str], case_dirs: Sequence[Path]) -> None:
-    """Refuse, before the model loads, what would make a case folder unsafe to write: the same input twice, a
-    case folder that is (or holds) an input, a file or a folder of other files where a case folder goes."""
-    from universal.inference import Segmentation
-
-    real = [os.path.realpath(p) for p in inputs]
-    for i, r in enumerate(real):
-        if r in real[:i]:
-            raise InputError(f"{inputs[i]} is given twice: give each CT once")
-    for case_dir in case_dirs:
-        target = os.path.realpath(case_dir)
-        for source, r in zip(inputs, real):
-            if r == target or r.startswith(target + os.sep):
-                raise InputError(
-                    f"the results of {source} would go to {case_dir}, which holds that input: choose another -o"
-                )
-        try:
-            Segmentation.check_outdir(case_dir)
-        except OSError as exc:
-            raise InputError(f"{case_dir} {exc.strerror}") from exc
+    given = {
+        "overwrite": args.overwrite or None,
+        "prefetch": args.prefetch,
+        "summary": args.summary,
+        "series": args.series,
+        "formats": args.formats,  # --format
+    }
+    return BatchSettings(**{k: v for k, v in given.items() if v is not None})
 
 
 _MIN_FREE_BYTES = 1024**2
@@ -502,14 +411,33 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from universal.model import PRETRAINED, list_models
+    """List the backbones and every weights source, or (``download NAME``) fetch one into the cache."""
+    from universal.model import list_models, sources
 
+    if args.action == "download":
+        if not args.name:
+            raise InputError("give the source to download: universal models download NAME (see `universal models`)")
+        update, close = sources.tqdm_progress(args.name)
+        try:
+            path, sha = sources.obtain(args.name, progress=update, accept_licence=args.accept_licence)
+        finally:
+            close()
+        print(f"{args.name}: {path}\nsha256 {sha}")
+        return EXIT_OK
     print("backbones: " + ", ".join(list_models()))
-    print("pretrained weights:")
-    for name, entry in PRETRAINED.items():
-        print(f"  {name:22s} {entry.get('backbone', ''):10s} licence: {entry.get('licence', '?')}")
-        if entry.get("description"):
-            print(f"  {'':22s} {entry['description']}")
+    print("weights sources (name, backbone, licence, size, cached, checksum):")
+    for row in sources.listing():
+        accept = " (accept it: --accept-licence)" if row["requires_acceptance"] else ""
+        sha = f" {row['sha256']}" if row["sha256"] else ""
+        print(
+            f"  {row['name']:22s} {row['backbone'] or '-':10s} licence: {row['licence']}{accept}; "
+            f"size {sources.human_size(row['size'])}; {row['state']}; "
+            f"sha256 {row['checksum']}{sha}"
+        )
+        if row["description"]:
+            print(f"  {'':22s} {row['description']}")
+    print(f"  {sources.HUB_PREFIX + 'ORG/REPO[:FILE][@REVISION]':22s} a checkpoint on the Hugging Face Hub "
+          f"(FILE default {sources.HUB_DEFAULT_FILE}, REVISION default {sources.HUB_DEFAULT_REVISION})")
     return EXIT_OK
 
 
@@ -578,13 +506,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(sub, fmt)
     _add_train_parser(sub, fmt)
     _add_pseudo_parser(sub, fmt)
+    _add_finetune_parser(sub, fmt)
     _add_listing_parsers(sub, fmt)
     return p
 
 
 def _add_segment_parser(sub: Any, fmt: Any) -> None:
     s = sub.add_parser("segment", help="segment CT scans", epilog=_SEGMENT_EXAMPLES, formatter_class=fmt)
-    s.add_argument("inputs", nargs="+", metavar="CT", help="NIfTI, NRRD, MHA file, DICOM folder or DICOM zip")
+    s.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="CT",
+        help="NIfTI, NRRD, MHA file, DICOM folder or DICOM zip; a folder of CTs, a quoted pattern ('cts/*.nii.gz') "
+        "or a .csv/.json manifest (column/key image, optionally name)",
+    )
     s.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     s.add_argument(
         "--series",
@@ -593,8 +528,33 @@ def _add_segment_parser(sub: Any, fmt: Any) -> None:
         help="the DICOM series to read when a folder or zip holds several: its SeriesInstanceUID or SeriesNumber "
         "(applies to every DICOM input; default: the CT series with the most slices, with a warning listing the others)",
     )
+    from universal.exports import DEFAULT_FORMATS, DICOM_FORMATS, FORMATS
+
+    s.add_argument(
+        "--format",
+        dest="formats",
+        default=None,
+        metavar="FORMATS",
+        help=f"comma-separated output formats: {', '.join(FORMATS)} (default: {','.join(DEFAULT_FORMATS)}; "
+        f"{' and '.join(sorted(DICOM_FORMATS))} need a DICOM input; report.json is always written)",
+    )
     _add_predictor_args(s)
+    _add_batch_args(s)
     s.set_defaults(func=_cmd_segment)
+
+
+def _add_batch_args(s: argparse.ArgumentParser) -> None:
+    """The options of :class:`universal.batch.BatchSettings` (defaults and bounds from the library)."""
+    from universal.batch import MAX_PREFETCH, BatchSettings
+
+    s.add_argument("--overwrite", action="store_true",
+                   help="redo cases whose output folder is complete (default: skip them, so a rerun resumes)")
+    s.add_argument("--prefetch", type=int, default=None, metavar="N",
+                   help=f"CTs read and preprocessed ahead in a worker thread while the current one runs (0 to "
+                   f"{MAX_PREFETCH}; 0 = none; default {BatchSettings.prefetch})")
+    s.add_argument("--summary", default=None, metavar="PATH",
+                   help="write the batch summary to PATH.csv and PATH.json (default: OUTDIR/summary when a "
+                   "folder, pattern or manifest is given or several ranks run; else none)")  # fmt: skip
 
 
 def _add_train_parser(sub: Any, fmt: Any) -> None:
@@ -654,6 +614,55 @@ def _add_pseudo_parser(sub: Any, fmt: Any) -> None:
     q.set_defaults(func=_cmd_pseudo)
 
 
+def _add_finetune_parser(sub: Any, fmt: Any) -> None:
+    """``finetune``: options left out take :class:`universal.finetune.FinetuneConfig`'s defaults (shown)."""
+    import dataclasses
+
+    from universal.finetune import FinetuneConfig
+
+    default = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    f = sub.add_parser(
+        "finetune",
+        help="fine-tune on corrected cases (masked loss: only the corrected classes are learnt)",
+        formatter_class=fmt,
+        epilog="examples:\n  universal finetune corrections/ --weights builtin -o my_model.pt\n"
+        "  universal finetune corrections/ -o my_model.pt --steps 60 --mix-phantom 2 --device cuda\n"
+        "Writes the model and its card (my_model.md); the new model loads with --weights my_model.pt.",
+    )
+    f.add_argument("dataset", help="a corrections dataset folder (the dashboard's Correct tab saves one)")
+    f.add_argument("--weights", default="builtin", metavar="NAME|PATH", help="the weights to start from")
+    f.add_argument("-o", "--output", required=True, metavar="MODEL.pt")
+    f.add_argument("--steps", type=int, help=f"optimisation steps (default {default['steps']})")
+    f.add_argument("--patch", type=int, nargs="+", metavar="N",
+                   help="patch size, one or three integers (default: the weights' sliding window)")  # fmt: skip
+    f.add_argument("--lr", type=float, help=f"peak learning rate (default {default['lr']:g})")
+    f.add_argument("--mix-phantom", type=int, metavar="N",
+                   help="phantom cases mixed in against forgetting (default none)")  # fmt: skip
+    f.add_argument("--anchor", action="store_true",
+                   help="anchor the classes not corrected on the starting model's own predictions")  # fmt: skip
+    f.add_argument("--time-budget", type=float, metavar="S", help="stop training after S seconds")
+    f.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    f.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from universal.finetune import FinetuneConfig, finetune
+
+    patch = args.patch and tuple(args.patch * 3 if len(args.patch) == 1 else args.patch)
+    given = {"steps": args.steps, "patch_size": patch, "lr": args.lr, "mix_phantom": args.mix_phantom,
+             "time_budget_s": args.time_budget, "device": args.device, "anchor": args.anchor or None}  # fmt: skip
+    config = FinetuneConfig(**{k: v for k, v in given.items() if v is not None})  # checked before any load
+    bar, _ = _progress_bar("finetune")
+    try:
+        result = finetune(args.dataset, args.weights, args.output, config,
+                          progress=lambda step, total, loss: bar.update(100 * step // total - bar.n))  # fmt: skip
+    finally:
+        bar.close()
+    print(result.message)
+    print(f"model card: {result.card}")
+    return EXIT_OK
+
+
 def _add_listing_parsers(sub: Any, fmt: Any) -> None:
     """``embed``, ``models``, ``classes`` and ``demo``."""
     m = sub.add_parser(
@@ -668,7 +677,11 @@ def _add_listing_parsers(sub: Any, fmt: Any) -> None:
     m.add_argument("--classes", nargs="+", metavar="NAME")
     m.add_argument("-o", "--output", default=None, metavar="FILE.npy")
     m.set_defaults(func=_cmd_embed)
-    sub.add_parser("models", help="list backbones and pretrained weights").set_defaults(func=_cmd_models)
+    mp = sub.add_parser("models", help="list backbones and weights sources; `models download NAME` fetches one")
+    mp.add_argument("action", nargs="?", choices=("list", "download"), default="list")
+    mp.add_argument("name", nargs="?", help="what to download: a registry name or hf-hub:ORG/REPO[:FILE][@REV]")
+    mp.add_argument("--accept-licence", action="store_true", help="accept a non-open licence (recorded; asked once)")
+    mp.set_defaults(func=_cmd_models)
     sub.add_parser("classes", help="list the 32 universal classes and datasets").set_defaults(
         func=_cmd_classes
     )

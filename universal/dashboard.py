@@ -13,6 +13,7 @@ taxonomy.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import warnings
@@ -387,7 +388,11 @@ def segment(
     predictor = base.with_settings(
         classes=tuple(wanted), fast=settings.fast, template=settings.template, precision=settings.precision
     )
-    seg = predictor.predict(volume, progress=progress)
+    from universal.efficiency import EfficiencySampler
+
+    with EfficiencySampler(getattr(predictor, "device", None), extra_wall_s=model_seconds) as sampler:  # FLARE
+        seg = predictor.predict(volume, progress=progress)
+    seg.info["efficiency"] = sampler.result.to_dict()
     return RunRecord(seg, input_id, settings, model_seconds, skipped)
 
 
@@ -475,6 +480,26 @@ def timings_table(run: RunRecord):
     frame = viz.timings_frame({**run.seg.timings})
     frame.loc[len(frame)] = ["model load (app)", run.model_seconds, np.nan]
     return frame
+
+
+def efficiency_table(run: RunRecord):
+    """FLARE 2023's efficiency numbers of a run (``universal.efficiency``) as a DataFrame ``measure, value``:
+    wall time with the model load, peak GPU memory and GPU memory-time area ("no GPU" on a CPU), peak CPU RSS."""
+    import pandas as pd
+
+    eff = run.seg.info.get("efficiency") or {}
+
+    def mb(key: str, unit: str = "MB") -> str:
+        value = eff.get(key)
+        return value if isinstance(value, str) or value is None else f"{value:,.0f} {unit}"
+
+    rows = [
+        ("wall time (with model load)", f"{eff['wall_s']:.2f} s" if "wall_s" in eff else None),
+        ("peak GPU memory", mb("gpu_peak_mb")),
+        ("GPU memory-time area", mb("gpu_area_mb_s", "MB·s")),
+        ("peak CPU memory (RSS)", mb("cpu_peak_rss_mb")),
+    ]
+    return pd.DataFrame([(k, v if v is not None else "–") for k, v in rows], columns=["measure", "value"])
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -658,11 +683,40 @@ def downloads(state: DashboardState) -> list[Download]:
         Download(
             "dl_report", "report.json", viz.to_json_bytes(report), f"{name}_report.json", "application/json"
         ),
+        *export_downloads(run.seg, name),
     ]
     if scores is not None:
         out.append(
             Download("dl_metrics", "metrics.csv", viz.metrics_csv(scores), f"{name}_metrics.csv", "text/csv")
         )
+    return out
+
+
+#: the Download tab's buttons of :mod:`universal.exports` formats: format → (label, file name suffix, MIME type)
+EXPORT_DOWNLOADS = {
+    "dicom-seg": ("DICOM-SEG", "_seg.dcm", "application/dicom"),
+    "rtstruct": ("RTSTRUCT", "_rtstruct.dcm", "application/dicom"),
+    "seg.nrrd": ("3D Slicer .seg.nrrd", ".seg.nrrd", "application/octet-stream"),
+    "report": ("report.html", "_report.html", "text/html"),
+}
+
+
+def export_downloads(seg: Any, name: str) -> list[Download]:
+    """The export formats' buttons (:data:`EXPORT_DOWNLOADS`; keys ``dl_dicom-seg``, ``dl_rtstruct``,
+    ``dl_seg_nrrd``, ``dl_report_html``), each file made on click by its
+    :mod:`universal.exports` writer: DICOM-SEG and RTSTRUCT only for a DICOM input, and the segment formats only
+    when some class was found (their writers leave empty classes out); the report always."""
+    from universal import exports
+
+    found = any(np.any(m) for m in seg.masks.values())
+    dicom = exports.is_dicom_volume(seg.volume)
+    out = []
+    for fmt, (label, suffix, mime) in EXPORT_DOWNLOADS.items():
+        if fmt != "report" and (not found or (fmt in exports.DICOM_FORMATS and not dicom)):
+            continue
+        make = functools.partial(exports.export_bytes, seg, fmt)
+        key = "dl_report_html" if fmt == "report" else f"dl_{fmt.replace('.', '_')}"  # dl_report: report.json
+        out.append(Download(key, label, make, f"{name}{suffix}", mime))
     return out
 
 
@@ -697,6 +751,7 @@ TEXT = {
     "encoder_help": "Turns prompts into embeddings. A trained model only works with an encoder of the width it "
     "was trained with; the demo model is built with the one chosen here.",
     "encoder_spec": "clip:ViT-B-32:/path/weights.safetensors or table:/path/emb.npy",
+    "checkpoint_input": "Checkpoint on the server (.pt/.pth) or hf-hub:ORG/REPO[:FILE][@REVISION]",
     "upload_help": "The limit is Streamlit's server.maxUploadSize in .streamlit/config.toml.",
     "upload": "NIfTI (.nii, .nii.gz), NRRD, MHA or a DICOM series as .zip — up to {limit} MB",
     "demo_result": "These masks come from the untrained demo model (random weights): they are meaningless.",

@@ -1021,6 +1021,7 @@ def write_phantom_dataset(
     label_sets = dict(label_sets or {"phantom": None})
     ds_names = list(label_sets)
     datasets: dict[str, Any] = {}
+    kept: dict[str, dict[str, None]] = {}  # dataset -> classes its label files hold (ordered set)
     cases = []
     for i in range(int(n_cases) + int(unlabeled)):
         ph = make_phantom(
@@ -1034,10 +1035,12 @@ def write_phantom_dataset(
         if i < n_cases:
             ds = ds_names[i % len(ds_names)]
             keep = _write_phantom_label(out / "labels" / f"{name}.nii.gz", ph, label_sets[ds])
-            if ds not in datasets:
-                datasets[ds] = universal_id_label_map_spec(keep)
+            kept.setdefault(ds, {}).update(dict.fromkeys(keep))
             case.update(label=f"labels/{name}.nii.gz", dataset=ds)
         cases.append(case)
+    # with None: the classes drawn in *any* of the dataset's cases (not only the first case's)
+    for ds, names in kept.items():
+        datasets[ds] = universal_id_label_map_spec(list(names))
     if unlabeled:
         datasets.setdefault("unlabeled", {"labels": {}, "annotated": []})
     path = out / manifest_name

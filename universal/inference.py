@@ -55,8 +55,8 @@ from typing import Any
 
 import numpy as np
 
+from universal import exports, taxonomy
 from universal import preprocess as pp
-from universal import taxonomy
 from universal.io import (
     Volume,
     atomic_folder,
@@ -139,9 +139,14 @@ class Segmentation:
             "timings": {k: round(float(v), 4) for k, v in self.timings.items()},  # seconds
         }
 
-    def save(self, outdir: str | os.PathLike) -> dict[str, Path]:
+    def save(self, outdir: str | os.PathLike, formats: str | Sequence[str] | None = None) -> dict[str, Path]:
         """Write the case folder ``outdir``: ``masks/<class_name>.nii.gz`` (uint8), ``labels.nii.gz`` (int16) and
         ``report.json``, all at once or not at all.
+
+        ``formats`` (:func:`universal.exports.parse_formats`: names or ``"nifti,dicom-seg"``; default ``("nifti",)``)
+        chooses the files beside ``report.json``, which is always written and lists them (``outputs``): ``nifti``
+        (the masks and labels above), ``dicom-seg`` (``segmentation.dcm``), ``rtstruct`` (``rtstruct.dcm``),
+        ``seg.nrrd`` (``segmentation.seg.nrrd``), ``report`` (``report.html``); see :mod:`universal.exports`.
 
         Masks and labels are written on the source file's own grid and affine (:func:`universal.io.save_mask`).
         Every file is written into a hidden temporary sibling folder (``.<name>.<random>.tmp``) that is renamed to
@@ -152,35 +157,59 @@ class Segmentation:
         Spaces in class names become underscores in file names.
 
         Returns:
-            A dict ``{"masks": folder, "labels": path, "report": path}``.
+            A dict ``{"masks": folder, "labels": path, "report": path}`` (``masks``/``labels`` with ``nifti``), plus
+            format → path of each other format written (a format with no non-empty class writes no file).
 
         Raises:
+            InputError: An unknown format, or ``dicom-seg``/``rtstruct`` for a CT not read from a DICOM series
+                (checked before anything is written).
             FileExistsError: ``outdir`` is a file, or a folder that holds something else than a case.
             OSError: The folder cannot be written (read-only, disk full, ...); nothing is left behind.
         """
+        chosen = exports.parse_formats(formats)
+        exports.check_formats(chosen, [self.volume])
         out = Path(outdir)
         self.check_outdir(out)
         with atomic_folder(out) as tmp:
-            self._write_files(tmp)
-        return {"masks": out / "masks", "labels": out / "labels.nii.gz", "report": out / "report.json"}
+            written = self._write_files(tmp, chosen)
+        paths = {"masks": out / "masks", "labels": out / "labels.nii.gz"} if "nifti" in chosen else {}
+        paths.update((f, out / e.files[0]) for f, e in written.items() if f != "nifti" and e.files)
+        return {**paths, "report": out / "report.json"}
 
-    def _write_files(self, folder: Path) -> None:
+    def _write_files(self, folder: Path, formats: Sequence[str] = exports.DEFAULT_FORMATS) -> dict[str, Any]:
         """Write every output file of the case into ``folder`` (an empty temporary folder that :meth:`save` renames
-        into place afterwards): the one place where output files are written; a new output format goes here."""
+        into place afterwards): the one place where output files are written; each format's writer is
+        :data:`universal.exports.WRITERS`, and ``report.json`` (always) records what they wrote (``outputs``).
+        Returns format → :class:`universal.exports.Export`."""
+        written = {f: self._write_nifti(folder) if f == "nifti" else exports.WRITERS[f](self, folder) for f in formats}
+        report = self.report()
+        report["outputs"] = {
+            "formats": list(formats),
+            "files": {f: list(e.files) for f, e in written.items()},
+            "left_out": {f: list(e.left_out) for f, e in written.items() if e.left_out},
+            "notes": list(dict.fromkeys(n for e in written.values() for n in e.notes)),
+        }
+        atomic_write_text(folder / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+        return written
+
+    def _write_nifti(self, folder: Path) -> exports.Export:
+        """``masks/<class>.nii.gz`` (uint8, every class) and ``labels.nii.gz`` (int16 universal ids) on the source
+        file's own grid (:func:`universal.io.save_mask`)."""
         (folder / "masks").mkdir()
         for name, mask in self.masks.items():
             save_mask(mask, self.volume, folder / "masks" / f"{mask_file_stem(name)}.nii.gz", dtype=np.uint8)
         save_mask(self.label_map(), self.volume, folder / "labels.nii.gz", dtype=np.int16)
-        atomic_write_text(folder / "report.json", json.dumps(self.report(), indent=2, allow_nan=False) + "\n")
+        return exports.Export(files=exports.FILE_NAMES["nifti"])
 
     #: what a case folder holds (:meth:`_write_files`); an existing folder holding only these may be replaced
-    CASE_ENTRIES = frozenset({"masks", "labels.nii.gz", "report.json"})
+    CASE_ENTRIES = frozenset({"report.json", *(n for names in exports.FILE_NAMES.values() for n in names)})
 
     @classmethod
     def check_outdir(cls, outdir: str | os.PathLike) -> None:
         """Raise unless :meth:`save` may (re)place a case folder at ``outdir``: it is absent, an empty folder, or an
         earlier case folder (its ``report.json`` is a report of :meth:`report`, or it holds only ``masks/*.nii.gz``,
-        ``labels.nii.gz``, ``report.json`` and hidden leftovers of an interrupted older version).
+        ``labels.nii.gz``, ``report.json``, the other formats' files (:data:`universal.exports.FILE_NAMES`) and
+        hidden leftovers of an interrupted older version).
 
         Raises:
             FileExistsError: ``outdir`` is a file, or a folder that holds something else (never deleted).
@@ -295,18 +324,56 @@ def run_pipeline(
     predictor, volume_or_path, progress: ProgressFn | None = None, *, series: str | None = None
 ) -> Segmentation:
     """The stages of :meth:`Predictor.predict`: load (``series``: the DICOM series of a path, see
-    :func:`~universal.io.load_volume`), preprocess, sliding window, post-process, map back."""
+    :func:`~universal.io.load_volume`), preprocess, sliding window, post-process, map back; the first two are
+    :func:`prepare_case`, the others :func:`finish_case`."""
+    return finish_case(predictor, prepare_case(predictor, volume_or_path, progress, series=series), progress)
+
+
+@dataclass
+class PreparedCase:
+    """A CT read and prepared for the network (the first half of a run, :func:`prepare_case`); a batch prepares the
+    next case in a worker thread while the current one runs (``universal.batch``).
+
+    Attributes:
+        volume: The checked input :class:`~universal.io.Volume`.
+        prepared: The prepared grid (``universal.preprocess.prepare``), with the way back.
+        timings: Seconds of ``load`` and ``preprocess``.
+        seconds: Wall seconds of the whole first half.
+    """
+
+    volume: Any
+    prepared: Any
+    timings: dict[str, float]
+    seconds: float
+
+
+def prepare_case(
+    predictor, volume_or_path, progress: ProgressFn | None = None, *, series: str | None = None
+) -> PreparedCase:
+    """Read (``series``: see :func:`~universal.io.load_volume`) and preprocess one CT with ``predictor``'s
+    resolved settings. Raises what ``load_volume`` and ``preprocess.prepare`` raise (``InputError`` ...)."""
     r = predictor.resolved
     t_start = time.perf_counter()
-    report = _progress_reporter(progress)
     timings: dict[str, float] = {}
-    clock = _StageClock(timings, report)
+    clock = _StageClock(timings, _progress_reporter(progress))
     with clock("load"):
         volume = _as_volume(volume_or_path, series)
-    timings["model"] = predictor.take_load_seconds()  # loading happened when the Predictor was built
     max_voxels = getattr(predictor.settings, "max_voxels", None) or pp.MAX_PREPARED_VOXELS
     with clock("preprocess"):
         prepared = pp.prepare(volume, r.preprocessing, max_voxels=max_voxels)  # by the grid convention
+    return PreparedCase(volume, prepared, timings, time.perf_counter() - t_start)
+
+
+def finish_case(predictor, case: PreparedCase, progress: ProgressFn | None = None) -> Segmentation:
+    """Sliding window, post-processing and mapping back of a :class:`PreparedCase` → :class:`Segmentation`
+    (``timings["total"]``: both halves plus the model's loading, reported in the Predictor's first case)."""
+    r = predictor.resolved
+    t_start = time.perf_counter()
+    report = _progress_reporter(progress)
+    volume, prepared = case.volume, case.prepared
+    timings: dict[str, float] = {"load": case.timings["load"], "model": predictor.take_load_seconds()}
+    timings.update((k, v) for k, v in case.timings.items() if k != "load")
+    clock = _StageClock(timings, report)
     with clock("inference"):
         infer = _infer_official if r.preprocessing.convention == "official" else _infer
         masks_p, probs_p = infer(predictor, prepared.array, lambda f: report("inference", f))
@@ -316,7 +383,7 @@ def run_pipeline(
     with clock("resample"):
         masks, probabilities = _map_back(masks_prep, probs_p, prepared, list(r.classes), report)
     volumes_ml, mean_hu = _measure(masks, volume)
-    timings["total"] = time.perf_counter() - t_start + timings["model"]
+    timings["total"] = case.seconds + time.perf_counter() - t_start + timings["model"]
     report("done", 1.0)
     return Segmentation(
         masks=masks,

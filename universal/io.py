@@ -27,6 +27,7 @@ RescaleSlope/Intercept warns (values below 0, taken as HU) or is refused (raw va
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import re
@@ -59,6 +60,7 @@ __all__ = [
     "save_label_map",
     "save_mask",
     "save_volume",
+    "source_header",
     "to_json",
     "volume_from_array",
 ]
@@ -132,6 +134,9 @@ class SourceInfo:
         ornt: nibabel orientation transform (3, 2) from the file's voxel order to RAS+.
         meta: Small dict of non-identifying metadata (e.g. DICOM ``series_uid``, ``modality``, ``n_slices``,
             ``warnings``: the messages of the :class:`~universal.errors.InputWarning` issued while loading).
+        headers: DICOM input: the header of each source instance of the series (pydicom Datasets without pixel
+            data or private tags, :func:`source_header`), which the DICOM-SEG and RTSTRUCT writers reference
+            (:mod:`universal.exports`); ``()`` for other formats. Identifying data: never written to reports.
     """
 
     path: str
@@ -140,6 +145,7 @@ class SourceInfo:
     original_shape: tuple[int, int, int]
     ornt: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    headers: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -788,6 +794,7 @@ def _finish(
         original_shape=tuple(int(s) for s in raw.shape),  # type: ignore[arg-type]
         ornt=ornt,
         meta=meta,
+        headers=meta.pop("_headers", ()),
     )
     notes = tuple(msgs) if check else None
     return Volume(array=arr, affine=ras_affine, name=name, source=source, notes=notes)
@@ -1027,6 +1034,7 @@ class _DicomFile:
     lossy: bool
     tilt: float
     frames: list[dict[str, Any]]  # per frame: pos (3,) | None, iop (6,) | None, spacing (2,) | None, rescale | None
+    header: Any = None  # source_header() of the file, kept by _decode (the DICOM writers reference it)
 
 
 @dataclass(eq=False)
@@ -1297,6 +1305,7 @@ def _load_dicom_dir(
         "rescaled": rescaled,
         "series": [s.info() for s in images],
         "_warnings": pre_warnings,
+        "_headers": tuple(f.header for f in files if f.header is not None),
     }
     if geo["filled"]:
         meta["interpolated_slices"] = geo["filled"]
@@ -1569,7 +1578,25 @@ def _decode(f: _DicomFile, display: str) -> np.ndarray:
     if pixels.shape != (len(f.frames), f.rows, f.cols):
         expected = (len(f.frames), f.rows, f.cols)
         raise _damaged(display, f.shown, f"pixel data of shape {pixels.shape}, expected {expected}")
+    f.header = source_header(ds)
     return pixels
+
+
+def source_header(ds: Any) -> Any:
+    """A copy of a DICOM dataset's header for writing objects that reference it (DICOM-SEG, RTSTRUCT): its
+    public elements and file meta, without pixel data, overlays or private tags (a few kB per slice)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    out = Dataset()
+    for elem in ds:
+        group = elem.tag.group
+        if elem.tag.is_private or group == 0x7FE0 or 0x6000 <= group <= 0x60FF:
+            continue
+        out.add(copy.deepcopy(elem))
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        out.file_meta = FileMetaDataset(copy.deepcopy(meta))
+    return out
 
 
 def _syntax_name(syntax: str) -> str:

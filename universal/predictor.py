@@ -313,6 +313,19 @@ class Predictor:
 
         return inference.run_pipeline(self, volume_or_path, progress, series=series)
 
+    def prepare(self, volume_or_path: Any, progress: ProgressFn | None = None, *, series: str | None = None):
+        """The first half of :meth:`predict` (read and preprocess; no model call, safe in a worker thread) →
+        ``inference.PreparedCase`` for :meth:`infer`. ``predict(x)`` is ``infer(prepare(x))``."""
+        from universal import inference
+
+        return inference.prepare_case(self, volume_or_path, progress, series=series)
+
+    def infer(self, prepared: Any, progress: ProgressFn | None = None):
+        """The second half of :meth:`predict` (sliding window, post-processing, mapping back) → ``Segmentation``."""
+        from universal import inference
+
+        return inference.finish_case(self, prepared, progress)
+
     def predict_many(
         self,
         inputs: Iterable[Any],

@@ -24,7 +24,7 @@ import json
 import re
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -56,6 +56,9 @@ __all__ = [
     "world_x_mm",
     "TaxonomyFileError",
     "DatasetNameError",
+    "Code",
+    "ClassCodes",
+    "class_codes",
 ]
 
 TAXONOMY_PATH = Path(__file__).resolve().parent / "resources" / "taxonomy.json"
@@ -193,6 +196,34 @@ class _Taxonomy:
     dataset_lookup: Mapping[str, str]
     flare23: Flare23View
     path: str
+    codes: Mapping[str, ClassCodes] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept: coding ``scheme`` (e.g. ``"SCT"``, SNOMED-CT), code ``value`` and ``meaning``."""
+
+    scheme: str
+    value: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class ClassCodes:
+    """The SNOMED-CT codes of a class in DICOM objects (DICOM-SEG segments, RTSTRUCT ROIs, 3D Slicer terminology).
+
+    Attributes:
+        category: Segmented property category (CID 7150): Anatomical Structure for organs, Morphologically Abnormal
+            Structure for tumours and cysts.
+        type: Segmented property type (CID 7151), e.g. Liver, Kidney, Neoplasm, Cyst.
+        modifier: Type modifier (laterality: Right / Left) or ``None``.
+        region: Anatomic region of a tumour or cyst (e.g. Liver for a liver tumour), else ``None``.
+    """
+
+    category: Code
+    type: Code
+    modifier: Code | None = None
+    region: Code | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,7 +288,35 @@ def _load_taxonomy(path: str | Path) -> _Taxonomy:
         dataset_lookup=MappingProxyType(dataset_lookup),
         flare23=flare,
         path=str(path),
+        codes=MappingProxyType(_parse_codes(path, raw.get("codes", {}), by_name)),
     )
+
+
+def _parse_codes(path: Path, entries: Any, by_name: Mapping[str, ClassInfo]) -> dict[str, ClassCodes]:
+    """The taxonomy's ``codes``: class name → ``{"category", "type", "modifier"?, "region"?}`` of
+    ``[scheme, value, meaning]`` triples; every class needs one (checked)."""
+    if not isinstance(entries, dict):
+        raise _fail(path, "'codes' must be an object: class name -> codes")
+    unknown = sorted(set(entries) - set(by_name))
+    if unknown:
+        raise _fail(path, f"'codes' names unknown classes {unknown}")
+    missing = [n for n in by_name if n not in entries]
+    if entries and missing:
+        raise _fail(path, f"'codes' lacks the classes {missing}")
+
+    def code(name: str, key: str, value: Any) -> Code | None:
+        if value is None and key in ("modifier", "region"):
+            return None
+        if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, str) and v for v in value)):
+            raise _fail(path, f"codes of {name!r}: {key} must be [scheme, value, meaning] strings, got {value!r}")
+        return Code(*value)
+
+    out = {}
+    for name, e in entries.items():
+        if not isinstance(e, dict) or not {"category", "type"} <= set(e) or set(e) - set(ClassCodes.__annotations__):
+            raise _fail(path, f"codes of {name!r} must hold category, type and optionally modifier, region")
+        out[name] = ClassCodes(**{k: code(name, k, e.get(k)) for k in ClassCodes.__annotations__})
+    return out
 
 
 def _parse_classes(path: Path, entries: Any) -> tuple[ClassInfo, ...]:
@@ -519,6 +578,19 @@ def _taxonomy() -> _Taxonomy:
 
 CLASSES: tuple[ClassInfo, ...] = _taxonomy().classes
 NUM_CLASSES: int = len(CLASSES)
+
+
+def class_codes(name: str | int | ClassInfo) -> ClassCodes:
+    """The SNOMED-CT codes of a class (any name :func:`resolve_class` accepts) for DICOM and 3D Slicer exports.
+
+    Raises:
+        ClassNameError: An unknown class.
+
+    >>> c = class_codes("right kidney")
+    >>> c.type.meaning, c.modifier.meaning, class_codes("liver tumor").region.meaning
+    ('Kidney', 'Right', 'Liver')
+    """
+    return _taxonomy().codes[resolve_class(name).name]
 
 
 def class_names() -> list[str]:

@@ -1119,6 +1119,8 @@ def train(
     *,
     stop_after: int | None = None,
     clock: Callable[[], float] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+    stop: Any = None,
 ) -> TrainResult:
     """Train a Universal Model as ``config`` says (a :class:`TrainConfig`, a mapping or a YAML/TOML file).
 
@@ -1130,6 +1132,9 @@ def train(
         clock: Seconds of a monotonic clock (default :func:`time.perf_counter`). It is read once before the first
             step and once after each step; ``train.time_budget_s`` and the logged step times use nothing else, so a
             fake clock makes a budgeted run independent of the machine's speed.
+        on_step: Called after each step with ``(step, total steps, loss)`` (progress bars of front-ends).
+        stop: An object with ``is_set()`` (a :class:`threading.Event`); once set, the run stops before its next
+            step as with ``stop_after`` (``checkpoints/last.pt`` is written, ``model.pt`` is not).
 
     Returns:
         A :class:`TrainResult`.
@@ -1147,7 +1152,9 @@ def train(
             torch.backends.cudnn.benchmark = False
         else:  # fixed patch size: let cuDNN pick its fastest convolutions once
             torch.backends.cudnn.benchmark = True
-        return _run(_setup(cfg, dist_ctx, stop_after, clock or time.perf_counter))
+        run = _setup(cfg, dist_ctx, stop_after, clock or time.perf_counter)
+        run.on_step, run.stop = on_step, stop
+        return _run(run)
     finally:
         torch.use_deterministic_algorithms(previous_det)
         torch.backends.cudnn.benchmark = previous_bench
@@ -1190,6 +1197,8 @@ class _Run:
     resumed_from: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     validation: list[dict[str, Any]] = field(default_factory=list)
+    on_step: Callable[[int, int, float], None] | None = None  # train(on_step=...)
+    stop: Any = None  # train(stop=...): an object with is_set()
 
     @property
     def out_dir(self) -> Path:
@@ -1296,6 +1305,8 @@ def _run(run: _Run) -> TrainResult:
     start = last = run.clock()
     try:
         for batch in [] if out_of_time else run.loader:
+            if run.stop is not None and run.stop.is_set():
+                break
             loss, lr, pairs = _train_step(run, batch)
             now = run.clock()
             run.step += 1
@@ -1304,6 +1315,8 @@ def _run(run: _Run) -> TrainResult:
             _place_schedule(run.optimizer, run.cfg.optim, t.steps, run.position)
             out_of_time = budget is not None and run.position >= t.steps
             _log_step(run, loss, lr, pairs, now - last, last_row=out_of_time)
+            if run.on_step is not None:
+                run.on_step(run.step, run.end_step, loss)
             last = now
             if out_of_time:
                 break

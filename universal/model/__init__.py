@@ -10,6 +10,7 @@ backbone is built).
 
 from __future__ import annotations
 
+from universal.model import sources  # weights sources: the registry, downloads, the Hub
 from universal.model.backbones import build_backbone, get_backbone_spec, list_models, register_backbone
 from universal.model.checkpoints import (
     PRETRAINED,
@@ -40,5 +41,6 @@ __all__ = [
     "load_pretrained",
     "register_backbone",
     "save_checkpoint",
+    "sources",
     "split_controller_params",
 ]

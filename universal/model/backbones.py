@@ -135,8 +135,13 @@ def build_backbone(name: str, **kwargs: Any) -> nn.Module:
 
 
 @functools.cache
-def _segresnet_class() -> type[nn.Module]:
-    from monai.networks.nets import SegResNet
+def _segresnet_class(plain: bool = True) -> type[nn.Module]:
+    """The backbone class on the plain-PyTorch SegResNet (``plain``: no MONAI import, the project's up-sampling
+    modes) or on MONAI's own (any other mode)."""
+    if plain:
+        from universal.model.segresnet import SegResNet
+    else:
+        from monai.networks.nets import SegResNet
 
     class _SegResNetBackbone(SegResNet):
         """MONAI SegResNet without its final conv; returns (deepest encoder output, last up-block output)."""
@@ -204,7 +209,10 @@ def SegResNetBackbone(**kwargs: Any) -> nn.Module:  # noqa: N802 - behaves like 
             f"decoder's {filters} channels in 16 GroupNorm groups) and of num_groups={groups}; "
             f"e.g. init_filters={max(16, filters - filters % 16)}"
         )
-    return _segresnet_class()(**kwargs)
+    from universal.model.segresnet import LIGHT_UPSAMPLE_MODES
+
+    mode = str(kwargs.get("upsample_mode", "nontrainable")).lower()
+    return _segresnet_class(mode in LIGHT_UPSAMPLE_MODES)(**kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------------

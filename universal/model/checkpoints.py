@@ -10,8 +10,10 @@
   or a bare state dict, ``module.`` prefixes, Swin keys with or without ``backbone.``), backbone detected from the key
   names; the 32 universal classes; embeddings from the checkpoint's ``organ_embedding``; the official pipeline's
   settings as its spec (:func:`universal.spec.official_spec`).
-- :func:`load_pretrained`: a path (either format, detected) or a name of :data:`PRETRAINED` (downloaded once to
-  ``~/.cache/universal/weights``, or ``$UNIVERSAL_CACHE_DIR/weights``, with a sha256 check where one is pinned).
+- :func:`load_pretrained`: a path (either format, detected), a registry name (:data:`PRETRAINED` and the entries of
+  ``$UNIVERSAL_WEIGHTS_REGISTRY``, downloaded once to ``~/.cache/universal/weights``, or
+  ``$UNIVERSAL_CACHE_DIR/weights``, resumable, licence acceptance, sha256 pinned or recorded and checked) or
+  ``hf-hub:ORG/REPO[:FILE][@REVISION]``; the sources live in :mod:`universal.model.sources`.
 
 Nothing here unpickles arbitrary objects: every file is read with ``torch.load(..., weights_only=True)``. Every
 problem (not a checkpoint, Python objects inside, another architecture or class count) raises
@@ -20,10 +22,8 @@ problem (not a checkpoint, Python objects inside, another architecture or class 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from universal.errors import CheckpointError, DownloadError
+from universal.errors import CheckpointError
 from universal.model.backbones import list_models
 from universal.model.universal_model import UniversalModel
 from universal.spec import ModelSpec, migrate_v1, official_spec
@@ -65,10 +65,12 @@ _OFFICIAL_README = "https://github.com/ljwztc/CLIP-Driven-Universal-Model#model"
 #: top-level names of the official head (everything else belongs to the backbone)
 _HEAD_PREFIXES = ("organ_embedding", "GAP.", "precls_conv.", "text_to_vision.", "controller.")
 
-#: Registry of downloadable weights: name → url, sha256 (``None`` = not pinned: the file is not verified),
-#: licence, backbone, description (and ``filename`` in the cache, ``format``: ``"official"`` or ``"universal"``).
-#: The official URLs are the download links of the official README (Dropbox, ``dl=1`` for a direct download);
-#: their sha256 is not pinned because no checksum is published.
+#: Registry of downloadable weights: name → url, sha256 (``None`` = not pinned: the first download's sha256 is
+#: recorded and checked at every later load), licence, backbone, description (and ``filename`` in the cache,
+#: ``format``: ``"official"`` or ``"universal"``); each entry is checked as a :class:`universal.model.sources.
+#: WeightsSource`, and ``$UNIVERSAL_WEIGHTS_REGISTRY`` adds more. The official URLs are the download links of the
+#: official README (Dropbox, ``dl=1`` for a direct download); their sha256 is not pinned because no checksum is
+#: published; their licence (non-commercial, no derivatives) must be accepted before the download.
 PRETRAINED: dict[str, dict[str, Any]] = {
     "universal-unet": {
         "url": "https://www.dropbox.com/s/lyunaue0wwhmv5w/unet.pth?dl=1",
@@ -462,96 +464,26 @@ def cache_dir() -> Path:
     return base / "weights"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download_weights(
-    name: str, directory: str | os.PathLike[str] | None = None, progress: bool = True
+    name: str, directory: str | os.PathLike[str] | None = None, progress: bool = True, accept_licence: bool = False
 ) -> Path:
-    """Download the weights ``name`` of :data:`PRETRAINED` once into the cache (or ``directory``); return the path.
+    """Download the weights ``name`` of the registry once into the cache (or ``directory``); return the path.
 
-    The download goes to a temporary file in the same folder, is checked against the pinned sha256 (if any) and
-    renamed into place, so an interrupted download never leaves a corrupt file under the final name.
+    See :func:`universal.model.sources.download`: a resumable download through ``.NAME.part`` (never a partial
+    file under the final name), the pinned sha256 checked or the first download's recorded and checked at every
+    later call, a licence that is not open refused unless ``accept_licence`` (recorded: asked once). ``progress``
+    draws a tqdm bar.
     """
-    entry = _registry_entry(name)
-    url = entry.get("url")
-    folder = Path(directory) if directory is not None else cache_dir()
-    dest = folder / entry["filename"]
-    if dest.is_file():
-        if entry.get("sha256") and _sha256(dest) != entry["sha256"]:
-            raise DownloadError(
-                f"The cached file {dest} does not match the pinned sha256 of {name!r}; delete it and try again."
-            )
-        return dest
-    if not url:
-        raise DownloadError(f"{name!r} has no download URL.")
-    manual = (
-        f"To install it by hand, download {url} on a machine with internet access and either copy it to {dest} "
-        f"or pass its path: universal.model.load_pretrained('/path/to/{entry['filename']}')."
-    )
+    from universal.model import sources
+
+    source = sources.get_source(name)
+    if not progress:
+        return sources.download(source, directory=directory, accept_licence=accept_licence)
+    update, close = sources.tqdm_progress(source.name)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DownloadError(
-            f"Cannot create the weights cache {folder} ({exc}); set UNIVERSAL_CACHE_DIR."
-        ) from None
-    tmp, got = _download_to_temp(url, dest, name, progress, manual)
-    if entry.get("sha256"):
-        if got != entry["sha256"]:
-            tmp.unlink(missing_ok=True)
-            raise DownloadError(
-                f"The download of {name!r} is corrupt or changed (sha256 {got}, expected {entry['sha256']}). {manual}"
-            )
-    else:
-        warnings.warn(
-            f"The sha256 of {name!r} is not pinned; downloaded file has sha256 {got} (not verified).",
-            UserWarning,
-            stacklevel=2,
-        )
-    os.replace(tmp, dest)
-    return dest
-
-
-def _download_to_temp(url: str, dest: Path, name: str, progress: bool, manual: str) -> tuple[Path, str]:
-    """Stream ``url`` into a temporary ``.part`` file beside ``dest``: ``(its path, its sha256)``; removed on failure."""
-    import urllib.error
-    import urllib.request
-
-    from tqdm.auto import tqdm
-
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    digest = hashlib.sha256()
-    try:
-        request = urllib.request.Request(url, headers={"User-Agent": "universal-weights-downloader"})
-        with urllib.request.urlopen(request, timeout=60) as response, os.fdopen(fd, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    out.write(block)
-                    digest.update(block)
-                    bar.update(len(block))
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        tmp.unlink(missing_ok=True)
-        raise DownloadError(f"Could not download {name!r} from {url} ({exc}). {manual}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp, digest.hexdigest()
-
-
-def _registry_entry(name: str) -> dict[str, Any]:
-    entry = PRETRAINED.get(str(name).lower())
-    if entry is None:
-        raise CheckpointError(
-            f"{name!r} is neither an existing file nor a known weights name; known names: {sorted(PRETRAINED)}."
-        )
-    return entry
+        return sources.download(source, directory=directory, progress=update, accept_licence=accept_licence)
+    finally:
+        close()
 
 
 def _from_object(obj: Any, source: str) -> UniversalModel:
@@ -573,21 +505,28 @@ def load_pretrained(
     name_or_path: str | os.PathLike[str] = "builtin",
     map_location: Any = "cpu",
     progress: bool = True,
+    accept_licence: bool = False,
 ) -> UniversalModel:
-    """A ready model (eval mode) from a checkpoint path (universal or official format) or a :data:`PRETRAINED` name.
+    """A ready model (eval mode) from a checkpoint path (universal or official format), a registry name or a
+    Hugging Face Hub spec ``hf-hub:ORG/REPO[:FILE][@REVISION]``.
 
-    Names: ``"builtin"`` (the project's own weights, ``universal/resources/builtin.pt``), ``"universal-unet"`` and
-    ``"universal-swinunetr"`` (the official release, downloaded once; CC BY-NC-ND 4.0, research only).
-    Offline, a download raises ``DownloadError`` saying how to fetch the file by hand and pass its path.
+    Names (:func:`universal.model.sources.sources`): ``"builtin"`` (the project's own weights,
+    ``universal/resources/builtin.pt``), ``"universal-unet"`` and ``"universal-swinunetr"`` (the official release,
+    downloaded once; CC BY-NC-ND 4.0, research only: ``accept_licence=True`` the first time), and the entries of
+    ``$UNIVERSAL_WEIGHTS_REGISTRY``. A downloaded file is checked against its pinned or recorded sha256 at every
+    load. Offline, a download raises ``DownloadError`` saying how to fetch the file by hand and pass its path.
     """
+    from universal.model import sources
+
+    if sources.is_hub_spec(name_or_path):
+        file = sources.fetch_hub(str(name_or_path))
+        return _from_object(_read(file, map_location), file.name)
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return _from_object(_read(path, map_location), path.name)
     key = str(name_or_path).lower()
-    if key not in PRETRAINED:
-        if path.suffix or os.sep in str(name_or_path):
-            raise CheckpointError(f"No checkpoint file at {str(name_or_path)!r}; check the path.")
-        _registry_entry(key)  # raises with the list of known names
+    if (path.suffix or os.sep in str(name_or_path)) and key not in sources.sources():
+        raise CheckpointError(f"No checkpoint file at {str(name_or_path)!r}; check the path.")
     if key == "builtin":
         builtin = builtin_weights_path()
         if not builtin.is_file():
@@ -597,5 +536,5 @@ def load_pretrained(
                 "'universal-swinunetr' (official weights, research only)."
             )
         return _from_object(_read(builtin, map_location), builtin.name)
-    file = download_weights(key, progress=progress)
+    file = download_weights(key, progress=progress, accept_licence=accept_licence)
     return _from_object(_read(file, map_location), file.name)
