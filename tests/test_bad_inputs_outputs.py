@@ -19,9 +19,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from badinput import Kind, check_kind, checksums, leftovers, run_cli
+from badinput import Kind, check_kind, checksums, leftovers, run_cli, tiny_checkpoint
 
 import universal
 from universal import cli
@@ -32,22 +31,10 @@ _SHARED: dict[str, Path] = {}  # the CT and the checkpoint, made once per module
 
 @pytest.fixture(scope="module", autouse=True)
 def _shared(tmp_path_factory):
-    from universal.model import create_model, save_checkpoint
-    from universal.preprocess import PreprocessConfig
-    from universal.spec import InferenceDefaults
-
     d = tmp_path_factory.mktemp("catalogue")
     phantom = universal.make_phantom((48, 48, 36), spacing=(4.0, 4.0, 4.0))
     _SHARED["ct"] = Path(universal.io.save_volume(phantom.volume, d / "ct.nii.gz"))
-    model = create_model(
-        "segresnet",
-        classes=CLASSES,
-        encoder="onehot",
-        embeddings=np.eye(len(CLASSES), 32, dtype="float32"),
-        preprocessing=PreprocessConfig(spacing_mm=6.0),
-        inference=InferenceDefaults(patch_size=(16, 16, 16)),
-    )
-    _SHARED["weights"] = Path(save_checkpoint(model, d / "tiny.pt"))
+    _SHARED["weights"] = tiny_checkpoint(d / "tiny.pt", CLASSES)
     yield
     _SHARED.clear()
 

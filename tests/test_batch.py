@@ -381,6 +381,17 @@ def test_sampler_on_a_fake_clock_and_gpu():
     assert e.to_dict()["gpu"] == "fake" and e.to_dict()["gpu_area_mb_s"] == 90.0
 
 
+def test_a_summary_before_stop_covers_the_span_up_to_now():
+    """report.json is written while the sampler still runs: its numbers must reach the end of the segmentation,
+    whether or not the background thread has woken up yet (no dependence on the machine's speed)."""
+    ticks = iter([0.0, 0.0, 0.7, 0.7])  # start: wall clock, sample; summary: sample, wall clock
+    gpu = FakeGpu([100.0, 500.0])
+    s = efficiency.EfficiencySampler("cuda:0", clock=ticks.__next__, probe=gpu, rss=lambda: 1.0)
+    e = s.start(thread=False).summary()
+    assert e.samples == 2 and e.gpu_peak_mb == 500.0
+    assert e.gpu_area_mb_s == pytest.approx(0.7 * 300.0) and e.wall_s == pytest.approx(0.7)
+
+
 def test_without_a_gpu_the_gpu_fields_say_no_gpu():
     assert efficiency.gpu_probe("cpu") is None and efficiency.gpu_probe(None) is None
     d = efficiency.EfficiencySampler("cpu", interval_s=0.01).start().stop().to_dict()

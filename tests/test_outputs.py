@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from badinput import checksums, leftovers, run_cli
+from badinput import checksums, leftovers, run_cli, tiny_checkpoint
 
 import universal
 from universal import cli, inference
@@ -44,22 +44,10 @@ def phantom():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, phantom):
     """Two small CTs with the same file name in two folders, and a tiny random-weights checkpoint."""
-    from universal.model import create_model, save_checkpoint
-    from universal.preprocess import PreprocessConfig
-    from universal.spec import InferenceDefaults
-
     d = tmp_path_factory.mktemp("outputs")
     a = save_volume(phantom.volume, d / "a" / "ct.nii.gz")
     b = save_volume(phantom.volume, d / "b" / "ct.nii.gz")
-    model = create_model(
-        "segresnet",
-        classes=CLASSES,
-        encoder="onehot",
-        embeddings=np.eye(len(CLASSES), 32, dtype="float32"),
-        preprocessing=PreprocessConfig(spacing_mm=6.0),
-        inference=InferenceDefaults(patch_size=(16, 16, 16)),
-    )
-    weights = save_checkpoint(model, d / "tiny.pt")
+    weights = tiny_checkpoint(d / "tiny.pt", CLASSES)
     return {"dir": d, "a": Path(a), "b": Path(b), "weights": Path(weights)}
 
 

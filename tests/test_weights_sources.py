@@ -296,6 +296,9 @@ def test_cli_models_lists_every_source_with_licence_size_cache_and_checksum(regi
     assert "not cached" in line["local-open"] and "sha256 none" in line["local-open"]
     assert sources.human_size(len(BLOB)) in line["local-nc"] and "--accept-licence" in line["local-nc"]
     assert "shipped" in line["builtin"] and "hf-hub:ORG/REPO" in out
+    # the shipped file's own digest, the one MODEL_CARD.md states
+    builtin_sha = sources.sha256_of(builtin_weights_path())
+    assert f"sha256 shipped {builtin_sha}" in line["builtin"]
 
     assert main(["models", "download", "local-nc"]) == 2  # licence not accepted
     assert "--accept-licence" in capsys.readouterr().err

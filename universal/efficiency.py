@@ -308,7 +308,10 @@ class EfficiencySampler:
         return self.result
 
     def summary(self) -> Efficiency:
-        """The numbers of the samples so far."""
+        """The numbers of the samples so far; before :meth:`stop`, one more sample is taken now, so the numbers
+        always cover the span up to this call (at least two samples, however short the span)."""
+        if not self._stop.is_set() and self.times:
+            self.sample()
         with self._lock:
             times, gpu, rss = list(self.times), list(self.gpu_mb), list(self.rss_mb)
         gpu_peak = area = None

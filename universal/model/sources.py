@@ -683,8 +683,9 @@ def human_size(size: int | None) -> str:
 # ------------------------------------------------------------------------------------------------ listing
 def listing(directory: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
     """One row per source for ``universal models`` and the dashboard: name, backbone, licence, whether its licence
-    needs acceptance, size (bytes: the cached file's, else the registry's; ``None``), cached, checksum kind and
-    digest, url, description."""
+    needs acceptance, size (bytes: the cached file's, else the registry's; ``None``), cached, checksum kind
+    (pinned, recorded, shipped: the built-in file's own, as in MODEL_CARD.md, or none) and digest, url,
+    description."""
     rows = []
     for name, source in sources().items():
         path = cached_path(source, directory)
@@ -694,6 +695,8 @@ def listing(directory: str | os.PathLike[str] | None = None) -> list[dict[str, A
             path = builtin_weights_path()
         cached = path.is_file()
         kind, sha = checksum_state(source, directory)
+        if name == "builtin" and cached:  # shipped in the package; MODEL_CARD.md states the same digest
+            kind, sha = "shipped", sha256_of(path)
         rows.append(
             {
                 "name": name,
