@@ -40,6 +40,7 @@ import copy
 import html
 import io as _bytes_io
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from universal import taxonomy
-from universal.errors import InputError
+from universal.errors import InputError, InputWarning
 from universal.io import atomic_write, atomic_write_text
 
 __all__ = [
@@ -240,6 +241,9 @@ class DicomReferences:
 def dicom_references(volume: Any) -> DicomReferences:
     """The source instances of a DICOM volume and the UIDs that exports reference (see the module docstring).
 
+    Each note (UIDs derived because the series lacks them, slices without a source instance) is also issued as
+    an :class:`~universal.errors.InputWarning`.
+
     Raises:
         InputError: The volume was not read from a classic DICOM series (NIfTI, NRRD, an array, an enhanced
             multi-frame file), or its instances cannot be placed on its grid.
@@ -265,6 +269,8 @@ def dicom_references(volume: Any) -> DicomReferences:
             f"{len(missing)} slice(s) of the grid have no source instance (interpolated where slices were missing): "
             "the DICOM exports leave them out."
         )
+    for note in notes:  # said where the run is watched too (the CLI's stderr), not only in report.json
+        warnings.warn(InputWarning(f"{volume.name}: {note}"), stacklevel=2)
     order = np.argsort(slices, kind="stable")
     return DicomReferences(
         headers=tuple(kept[i] for i in order),
