@@ -90,11 +90,7 @@ print(
 )
 
 plt.rcParams.update({"figure.dpi": 80, "axes.titlesize": 10, "font.size": 9})
-
-
-def rgb(name):
-    """The taxonomy colour of a class as a matplotlib RGB tuple (0-1)."""
-    return tuple(c / 255 for c in universal.resolve_class(name).color)
+rgb = viz.class_rgb  # the taxonomy colour of a class as a matplotlib RGB tuple (0-1)
 
 
 def heatmap(

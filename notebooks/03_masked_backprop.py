@@ -89,11 +89,7 @@ print(f"universal {universal.__version__} | torch threads {torch.get_num_threads
 print("official CLIP table:", CLIP_TABLE if CLIP_TABLE and CLIP_TABLE.is_file() else "not found (skipped)")
 
 plt.rcParams.update({"figure.dpi": 80, "axes.titlesize": 10, "font.size": 9})
-
-
-def rgb(name):
-    """The taxonomy colour of a class as a matplotlib RGB tuple (0-1)."""
-    return tuple(c / 255 for c in universal.resolve_class(name).color)
+rgb = viz.class_rgb  # the taxonomy colour of a class as a matplotlib RGB tuple (0-1)
 
 
 def heatmap(ax, matrix, xlabels, ylabels, title, cmap="magma", vmin=None, vmax=None, label=""):

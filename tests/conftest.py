@@ -40,3 +40,13 @@ def _isolated_cache(tmp_path_factory):
         os.environ.pop("UNIVERSAL_CACHE_DIR", None)
     else:
         os.environ["UNIVERSAL_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Debian Chromium for one browser-test module (``tests/browser_support.chromium``); skipped with the
+    reason when it is absent. Each module starts its own ``streamlit_server`` with its own environment."""
+    from browser_support import chromium
+
+    with chromium() as b:
+        yield b

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import numpy as np
 import pytest
-from badinput import Kind, check_kind
+from badinput import Kind, check_kind, tiny_checkpoint
 from test_dicom_inputs import (
     as_rgb,
     dropping,
@@ -42,21 +41,9 @@ _CKPT: dict[str, Path] = {}
 def _tiny_ckpt(tmp_path: Path) -> Path:
     """A tiny random checkpoint (made once per module)."""
     if "path" not in _CKPT:
-        from universal.model import create_model, save_checkpoint
-        from universal.preprocess import PreprocessConfig
-        from universal.spec import InferenceDefaults
-
-        model = create_model(
-            "segresnet",
-            classes=["liver", "spleen"],
-            encoder="onehot",
-            embeddings=np.eye(2, 32, dtype="float32"),
-            preprocessing=PreprocessConfig(spacing_mm=6.0),
-            inference=InferenceDefaults(patch_size=(16, 16, 16)),
-        )
         folder = tmp_path.parent / "tiny-ckpt"
         folder.mkdir(exist_ok=True)
-        _CKPT["path"] = save_checkpoint(model, folder / "tiny.pt")
+        _CKPT["path"] = tiny_checkpoint(folder / "tiny.pt", ["liver", "spleen"])
     return _CKPT["path"]
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from badinput import Kind, check_kind
+from badinput import tiny_checkpoint as make_tiny_checkpoint
 
 from universal.errors import InputError
 
@@ -32,21 +33,9 @@ _STATE: dict[str, Path] = {}
 @pytest.fixture(scope="module", autouse=True)
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A random two-class model (liver, spleen; one-hot prompts; 6 mm; 16³ windows), saved once per module."""
-    import universal.model
-    import universal.preprocess
-    import universal.spec
-
-    model = universal.model.create_model(
-        "segresnet",
-        classes=["liver", "spleen"],
-        encoder="onehot",
-        embeddings=np.eye(2, 32, dtype="float32"),
-        preprocessing=universal.preprocess.PreprocessConfig(spacing_mm=6.0),
-        inference=universal.spec.InferenceDefaults(patch_size=(16, 16, 16)),
-    )
-    path = universal.model.save_checkpoint(model, tmp_path_factory.mktemp("tiny") / "tiny.pt")
-    _STATE["ckpt"] = Path(path)
-    return Path(path)
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pt", ["liver", "spleen"])
+    _STATE["ckpt"] = path
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ makers

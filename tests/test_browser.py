@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from browser_support import ARTIFACTS, chromium, streamlit_server
+from browser_support import ARTIFACTS, streamlit_server
 from browser_support import wait_idle as _wait_idle
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -23,12 +23,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 def server():
     with streamlit_server() as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
 
 
 def test_sample_in_a_real_browser(server, browser):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from browser_support import ARTIFACTS, chromium, streamlit_server, wait_idle, wait_ready
+from browser_support import ARTIFACTS, streamlit_server, wait_idle, wait_ready
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -25,12 +25,6 @@ def server(root):
         env={"UNIVERSAL_CORRECTIONS_DIR": str(root)}, log_name="browser_correct.log"
     ) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
 
 
 def _volume(page) -> float:

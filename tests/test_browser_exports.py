@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from browser_support import ARTIFACTS, chromium, streamlit_server, wait_idle, wait_ready
+from browser_support import ARTIFACTS, streamlit_server, wait_idle, wait_ready
 
 from universal import app_logic as al
 
@@ -26,12 +26,6 @@ def server():
         env={"UNIVERSAL_DATA_DIR": str(DATA)}, log_name="browser_exports_streamlit.log"
     ) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
 
 
 def test_the_dicom_sample_downloads_a_dicom_seg_that_references_its_series(server, browser, tmp_path):

@@ -10,7 +10,7 @@ import json
 import re
 
 import pytest
-from browser_support import ARTIFACTS, chromium, streamlit_server, wait_idle, wait_ready
+from browser_support import ARTIFACTS, streamlit_server, wait_idle, wait_ready
 from weights_server import weights_server
 
 from universal.model.checkpoints import builtin_weights_path
@@ -48,12 +48,6 @@ def app(weights, tmp_path_factory):
     env = {"UNIVERSAL_WEIGHTS_REGISTRY": str(registry), "UNIVERSAL_CACHE_DIR": str(folder / "cache")}
     with streamlit_server(env=env, log_name="browser_weights_streamlit.log") as url:
         yield url, folder / "cache" / "weights"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
 
 
 def _select_model(page, name: str) -> None:

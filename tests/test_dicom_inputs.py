@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from badinput import tiny_checkpoint
 
 from universal.errors import InputError, InputWarning
 from universal.io import load_volume
@@ -668,19 +669,7 @@ def test_partly_missing_rescale_is_refused(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ CLI, dashboard
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    from universal.model import create_model, save_checkpoint
-    from universal.preprocess import PreprocessConfig
-    from universal.spec import InferenceDefaults
-
-    model = create_model(
-        "segresnet",
-        classes=["liver", "spleen"],
-        encoder="onehot",
-        embeddings=np.eye(2, 32, dtype="float32"),
-        preprocessing=PreprocessConfig(spacing_mm=6.0),
-        inference=InferenceDefaults(patch_size=(16, 16, 16)),
-    )
-    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", ["liver", "spleen"])
 
 
 def test_cli_series_option(tiny_ckpt: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from badinput import run_cli
+from badinput import run_cli, tiny_checkpoint
 from test_bad_inputs_io import AFFINE, hu_array, nifti, zero_pixdim_nifti
 
 from universal import io as uio
@@ -23,18 +23,7 @@ from universal.errors import InputError, InputWarning
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A random two-class checkpoint (liver, spleen; 6 mm; 16³ windows)."""
-    import universal.model
-    import universal.spec
-
-    model = universal.model.create_model(
-        "segresnet",
-        classes=["liver", "spleen"],
-        encoder="onehot",
-        embeddings=np.eye(2, 32, dtype="float32"),
-        preprocessing=pp.PreprocessConfig(spacing_mm=6.0),
-        inference=universal.spec.InferenceDefaults(patch_size=(16, 16, 16)),
-    )
-    return Path(universal.model.save_checkpoint(model, tmp_path_factory.mktemp("tiny") / "tiny.pt"))
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pt", ["liver", "spleen"])
 
 
 def _volume(array: np.ndarray, affine: np.ndarray = AFFINE, name: str = "mem") -> uio.Volume:

@@ -155,6 +155,15 @@ def class_color(name: str, default_index: int = 0) -> tuple[int, int, int]:
         return _FALLBACK_COLORS[default_index % len(_FALLBACK_COLORS)]
 
 
+def class_rgb(name: str, default_index: int = 0) -> tuple[float, float, float]:
+    """:func:`class_color` as fractions 0-1 (the colour form matplotlib takes).
+
+    >>> class_rgb("liver") == tuple(c / 255 for c in class_color("liver"))
+    True
+    """
+    return tuple(c / 255 for c in class_color(name, default_index))  # type: ignore[return-value]
+
+
 def _draw_order(names: Iterable[str]) -> list[str]:
     """Organs first, tumours last (drawn on top of their organ)."""
     names = list(names)
