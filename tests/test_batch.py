@@ -258,29 +258,44 @@ def test_a_complete_case_made_with_other_settings_is_redone(data, predictor, tmp
 
 
 class Hooked:
-    """A Predictor with hooks around ``prepare`` and ``infer`` (everything else delegated)."""
+    """A Predictor with hooks around ``prepare``, ``run_network`` (``on_infer``) and ``finish`` (everything else
+    delegated); ``events`` lists ``(step, case)`` in the order they happened."""
 
-    def __init__(self, inner, on_prepare=None, on_infer=None):
-        self.inner, self.on_prepare, self.on_infer = inner, on_prepare, on_infer
+    def __init__(self, inner, on_prepare=None, on_infer=None, on_finish=None):
+        self.inner, self.on_prepare, self.on_infer, self.on_finish = inner, on_prepare, on_infer, on_finish
         self.events: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
+    def _event(self, step, name):
+        with self._lock:
+            self.events.append((step, name))
+
     def prepare(self, source, progress=None, *, series=None):
         name = Path(source).name.split(".")[0]
-        self.events.append(("prepare", name))
+        self._event("prepare", name)
         if self.on_prepare:
             self.on_prepare(name)
         return self.inner.prepare(source, progress, series=series)
 
-    def infer(self, prepared, progress=None):
+    def run_network(self, prepared, progress=None):
         name = prepared.volume.name
-        self.events.append(("infer", name))
+        self._event("infer", name)
         if self.on_infer:
             self.on_infer(name)
-        seg = self.inner.infer(prepared, progress)
-        self.events.append(("done", name))
+        inferred = self.inner.run_network(prepared, progress)
+        self._event("network done", name)
+        return inferred
+
+    def finish(self, inferred, progress=None):
+        name = inferred.case.volume.name
+        self._event("finish", name)
+        if self.on_finish:
+            self.on_finish(name)
+        seg = self.inner.finish(inferred, progress)
+        self._event("done", name)
         return seg
 
 
@@ -292,7 +307,7 @@ def test_prefetch_reads_the_next_case_while_the_current_one_runs(data, predictor
     result, _ = run(hooked, [data["cts"]], tmp_path / "a", prefetch=1)
     assert overlapped == [True]  # case1 was read while case0 was in the network
     seq = Hooked(predictor)
-    run(seq, [data["cts"]], tmp_path / "b", prefetch=0)
+    run(seq, [data["cts"]], tmp_path / "b", prefetch=0, pipeline=False)
     assert seq.events.index(("prepare", "case1")) > seq.events.index(("done", "case0"))  # one after the other
     for name in ("case0", "case1", "case2"):  # the same results either way
         assert np.array_equal(labels(tmp_path / "a" / name), labels(tmp_path / "b" / name))
@@ -316,18 +331,63 @@ def test_prefetch_queue_is_bounded(data, predictor, tmp_path):
     assert read_while_first and read_while_first[0] <= 3  # c0 itself, c1 in the queue, c2 being handed over
 
 
-def test_an_interruption_leaves_whole_cases_and_a_summary_of_what_was_done(data, predictor, tmp_path):
+def test_pipeline_finishes_a_case_while_the_next_one_runs_the_network(data, predictor, tmp_path):
+    """pipeline (default): case0's post-processing and writing wait in the worker until case1's network has
+    started; without it, case0 is written before case1's network starts. Same files either way."""
+    second_network = threading.Event()
+    hooked = Hooked(predictor, on_infer=lambda n: n == "case1" and second_network.set())
+    waited = []
+    hooked.on_finish = lambda n: n == "case0" and waited.append(second_network.wait(timeout=60))
+    result, lines = run(hooked, [data["cts"]], tmp_path / "a", prefetch=0)
+    assert waited == [True] and [r.status for r in result.records] == ["ok", "ok", "ok"]
+    assert [line.split(":")[0] for line in lines] == [
+        f"[{i}/3] {data['cts']}/case{i - 1}.nii.gz" for i in (1, 2, 3)
+    ]
+    seq = Hooked(predictor)
+    run(seq, [data["cts"]], tmp_path / "b", prefetch=0, pipeline=False)
+    assert seq.events.index(("infer", "case1")) > seq.events.index(("done", "case0"))
+    for name in ("case0", "case1", "case2"):
+        a, b = tmp_path / "a" / name, tmp_path / "b" / name
+        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+        assert np.array_equal(labels(a), labels(b))
+    meta = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert meta["batch"]["pipeline"] is True and meta["elapsed_s"] >= 0
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_an_interruption_leaves_whole_cases_and_a_summary_of_what_was_done(
+    data, predictor, tmp_path, pipeline
+):
+    """Ctrl+C in case1's network: case0 (still in the worker with pipeline) is completed whole and counted."""
+    in_network = threading.Event()
+
     def on_infer(name):
         if name == "case1":
+            in_network.set()
             raise KeyboardInterrupt
 
+    hooked = Hooked(predictor, on_infer=on_infer)
+    hooked.on_finish = lambda n: pipeline and n == "case0" and in_network.wait(timeout=60)
     out = tmp_path / "o"
     with pytest.raises(KeyboardInterrupt):
-        run(Hooked(predictor, on_infer=on_infer), [data["cts"]], out)
+        run(hooked, [data["cts"]], out, pipeline=pipeline)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] and summary["counts"] == {"ok": 1, "failed": 0, "skipped": 0, "not run": 2}
     assert sorted(p.name for p in out.iterdir()) == ["case0", "summary.csv", "summary.json"]
-    assert leftovers(out) == []
+    assert leftovers(out) == [] and (out / "case0" / "report.json").exists()
+    if pipeline:
+        assert hooked.events.index(("done", "case0")) > hooked.events.index(("infer", "case1"))
+
+
+def test_a_failure_after_the_network_fails_only_its_case(data, predictor, tmp_path):
+    def on_finish(name):
+        if name == "case0":
+            raise MemoryError("cannot allocate 3 GiB")
+
+    result, lines = run(Hooked(predictor, on_finish=on_finish), [data["cts"]], tmp_path / "o")
+    assert [r.status for r in result.records] == ["failed", "ok", "ok"]
+    assert result.records[0].error.startswith("out of memory (cannot allocate 3 GiB)")
+    assert not (tmp_path / "o" / "case0").exists() and leftovers(tmp_path / "o") == []
 
 
 def test_an_unexpected_error_in_the_network_fails_only_its_case(data, predictor, tmp_path):
@@ -451,6 +511,58 @@ def test_rank_summaries_are_merged_in_list_order(data, predictor, tmp_path):
     assert not list(out.glob("summary.rank*"))
 
 
+def test_an_interrupted_run_of_two_ranks_is_merged_by_the_rerun(data, predictor, tmp_path):
+    """Rank 1 interrupted in its only case (rank 0 done): two parts, no merged summary, and a line that says how
+    to go on; the rerun skips rank 0's cases, runs rank 1's, merges everything and removes every part (also a
+    stale one of an earlier 3-rank run)."""
+    out = tmp_path / "o"
+    cases, _ = collect_cases([str(data["cts"])])
+
+    def run_rank(rank, pred):
+        lines = []
+        plan = BatchPlan(tuple(cases), out, BatchSettings(), Ranks(rank, 2, 0), out / "summary")
+        runner = BatchRunner(pred, plan, echo=lambda line, error=False: lines.append(line))
+        runner._merge_after_barrier = lambda result: None  # merged below, as rank 0 does after the barrier
+        runner.run()
+        return lines
+
+    def stop(name):
+        raise KeyboardInterrupt
+
+    run_rank(0, predictor)
+    with pytest.raises(KeyboardInterrupt):
+        run_rank(1, Hooked(predictor, on_infer=stop))
+    part1 = json.loads((out / "summary.rank1of2.json").read_text())
+    assert part1["interrupted"] and part1["cases"] == [] and not (out / "summary.json").exists()
+    (out / "summary.rank0of3.json").write_text("{}")  # left by an earlier run with 3 ranks
+    lines = run_rank(1, predictor) + run_rank(0, predictor)
+    assert (
+        sum("skipped" in line for line in lines) == 2 and sum("classes found" in line for line in lines) == 1
+    )
+    batch.merge_summaries(out / "summary", 2, len(cases))
+    summary = json.loads((out / "summary.json").read_text())
+    assert (
+        summary["counts"] == {"ok": 1, "failed": 0, "skipped": 2, "not run": 0} and not summary["interrupted"]
+    )
+    assert [c["case"] for c in summary["cases"]] == ["case0", "case1", "case2"]
+    assert not list(out.glob("summary.rank*"))
+
+
+def test_the_interruption_line_says_how_to_go_on(data, predictor, tmp_path):
+    lines = []
+    plan = plan_batch([str(data["cts"])], tmp_path / "o", BatchSettings(), Ranks(1, 2, 1))
+    hooked = Hooked(predictor, on_infer=lambda name: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        BatchRunner(hooked, plan, echo=lambda line, error=False: lines.append((line, error))).run()
+    assert lines == [
+        (
+            "[rank 1/2] interrupted after 0 of 1 cases; run the same command again to resume (complete cases are "
+            f"skipped); this rank's summary is {tmp_path / 'o' / 'summary'}.rank1of2.json, merged by the rerun",
+            True,
+        )
+    ]
+
+
 # -------------------------------------------------------------------------------------------------------- CLI
 def test_cli_batch_options(data, tmp_path, capsys):
     base = ["segment", "--classes", "liver", "--weights", str(data["weights"]), "--device", "cpu"]
@@ -467,8 +579,11 @@ def test_cli_batch_options(data, tmp_path, capsys):
     assert capsys.readouterr().out.count("skipped") == 2
     assert cli.main([*base, str(m), "-o", str(out), "--overwrite"]) == 0
     assert capsys.readouterr().out.count("classes found") == 2
-    counts = json.loads((out / "summary.json").read_text())["counts"]
-    assert counts["ok"] == 2  # a manifest: a summary by default
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["ok"] == 2 and summary["batch"]["pipeline"]  # a manifest: a summary by default
+    assert cli.main([*base, str(m), "-o", str(out), "--overwrite", "--no-pipeline"]) == 0
+    assert json.loads((out / "summary.json").read_text())["batch"]["pipeline"] is False
+    capsys.readouterr()
     assert (
         cli.main([*base, str(m), "-o", str(out), "--format", "nifti,seg.nrrd"]) == 0
     )  # --format reaches save
@@ -522,6 +637,52 @@ def test_two_gloo_ranks_give_the_single_process_outputs(data, shared_data, tmp_p
     )
     assert sum("classes found" in line for line in two.stdout.splitlines()) == 5
     assert not list((tmp_path / "two").glob("summary.rank*")) and leftovers(tmp_path / "two") == []
+
+
+@pytest.mark.slow
+def test_two_slurm_tasks_find_each_other_from_the_node_list_and_job_id(data, tmp_path):
+    """Two processes with only Slurm's variables (``srun -n 2`` without MASTER_ADDR/MASTER_PORT): the rendezvous is
+    derived (first host of SLURM_JOB_NODELIST, port from SLURM_JOB_ID), gloo starts, the outputs equal a single
+    process's and rank 0 merges the summary."""
+    import socket
+
+    for port in range(15000 + os.getpid() % 16000, 32000):  # a free port the job id maps to
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                break
+    common = [
+        "-m",
+        "universal.cli",
+        "segment",
+        str(data["cts"]),
+        "--weights",
+        str(data["weights"]),
+        "--device",
+        "cpu",
+    ]
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+    }
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
+               SLURM_JOB_ID=str(port - 15000))  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *common, "-o", str(tmp_path / "two")],
+            env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert cli.main([*common[2:], "-o", str(tmp_path / "one")]) == 0
+    for name in ("case0", "case1", "case2"):
+        assert np.array_equal(labels(tmp_path / "one" / name), labels(tmp_path / "two" / name)), name
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert [c["rank"] for c in summary["cases"]] == [0, 1, 0] and summary["world_size"] == 2
+    assert summary["counts"]["ok"] == 3 and not list((tmp_path / "two").glob("summary.rank*"))
 
 
 def test_dashboard_runs_carry_the_efficiency_numbers(predictor):
@@ -580,13 +741,69 @@ def test_nvml_reading_takes_this_process_else_the_device(monkeypatch):
 def test_several_ranks_without_a_rendezvous_address_is_one_line(data, tmp_path, capsys, monkeypatch):
     for var, value in {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}.items():
         monkeypatch.setenv(var, value)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", *SLURM_JOB_VARIABLES):
         monkeypatch.delenv(var, raising=False)
     out = tmp_path / "o"
     argv = ["segment", str(data["cts"]), "-o", str(out), "--weights", str(data["weights"]), "--device", "cpu"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert (
-        err.startswith("error: MASTER_ADDR and MASTER_PORT not set for a run of 2 ranks") and "\n" not in err
+        err.startswith("error: MASTER_ADDR and MASTER_PORT not set for a run of several ranks")
+        and "\n" not in err
     )
     assert not out.exists()  # the output folder it created is removed again
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[0a-2]")  # a malformed list: one line too
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot read the first host of the Slurm node list 'gpu[0a-2]'" in err and "\n" not in err
+
+
+SLURM_JOB_VARIABLES = (
+    "SLURM_JOB_NODELIST",
+    "SLURM_NODELIST",
+    "SLURM_STEP_NODELIST",
+    "SLURM_JOB_ID",
+    "SLURM_JOBID",
+)
+
+
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [
+        ("gpu[03-05,09],login1", "gpu03"),
+        ("node7", "node7"),
+        ("node7,node8", "node7"),
+        ("rack[2-3]-n[009-012]", "rack2-n009"),
+        ("  c[1]  ", "c1"),
+    ],
+)
+def test_first_host_of_a_slurm_node_list(nodelist, host):
+    assert distributed.first_host(nodelist) == host
+
+
+@pytest.mark.parametrize(
+    "nodelist", ["", "gpu[", "gpu[]", "gpu[a-b]", "gpu[1-2", "gpu]1[", "gpu[[1]]", ",n1"]
+)
+def test_bad_slurm_node_lists_are_refused(nodelist):
+    with pytest.raises(InputError, match="export MASTER_ADDR"):
+        distributed.first_host(nodelist)
+
+
+def test_rendezvous_prefers_the_environment_then_derives_it_from_slurm():
+    slurm = {"SLURM_JOB_NODELIST": "gpu[03-05]", "SLURM_JOB_ID": "123456"}
+    assert distributed.rendezvous(slurm) == {
+        "MASTER_ADDR": "gpu03",
+        "MASTER_PORT": str(15000 + 123456 % 17000),
+    }
+    given = {**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "29500"}
+    assert distributed.rendezvous(given) == {"MASTER_ADDR": "head", "MASTER_PORT": "29500"}
+    assert distributed.rendezvous({"SLURM_NODELIST": "a1,a2", "SLURM_JOBID": "7"})["MASTER_ADDR"] == "a1"
+    assert distributed.rendezvous({**slurm, "MASTER_PORT": "2"})["MASTER_ADDR"] == "gpu03"  # each alone
+    with pytest.raises(InputError, match="MASTER_PORT not set"):
+        distributed.rendezvous({"SLURM_JOB_NODELIST": "gpu1"})
+    with pytest.raises(InputError, match="SLURM_JOB_ID='x1' is not a whole number"):
+        distributed.rendezvous({"SLURM_JOB_NODELIST": "gpu1", "SLURM_JOB_ID": "x1"})
+    ports = {
+        distributed.rendezvous({**slurm, "SLURM_JOB_ID": str(j)})["MASTER_PORT"] for j in range(0, 10**6, 997)
+    }
+    assert all(15000 <= int(p) < 32000 for p in ports)  # unprivileged and below the ephemeral range

@@ -47,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,9 @@ class BatchSettings:
         formats: Output formats passed to ``Segmentation.save(formats=...)`` (``universal.exports.FORMATS``;
             ``"nifti,dicom-seg"`` or names; ``None``: its default).
         series: The DICOM series of every DICOM input (see ``universal.io.load_volume``).
+        pipeline: Post-process and write each case in a worker thread while the next case runs the network
+            (default), so that the device is not idle while the CPU finishes a case; ``False``: one after the
+            other. The outputs are the same either way; one more case is held in memory.
         sample_interval_s: Seconds between the efficiency sampler's samples (FLARE: 0.1).
         summary_every_s: Seconds between intermediate summary writes during a long batch.
     """
@@ -111,12 +115,14 @@ class BatchSettings:
     summary: str | None = None
     formats: tuple[str, ...] | None = None
     series: str | None = None
+    pipeline: bool = True
     sample_interval_s: float = 0.1
     summary_every_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.overwrite, bool):
-            raise InputError(f"overwrite is {self.overwrite!r}; it must be True or False")
+        for name in ("overwrite", "pipeline"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} is {getattr(self, name)!r}; it must be True or False")
         p = self.prefetch
         if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= MAX_PREFETCH:
             raise InputError(
@@ -575,6 +581,7 @@ class BatchResult:
     records: list[CaseRecord]
     interrupted: bool = False
     summary: Path | None = None
+    elapsed_s: float | None = None
 
     @property
     def failures(self) -> list[tuple[str, str]]:
@@ -629,6 +636,25 @@ class _Prefetcher:
 
 
 # ------------------------------------------------------------------------------------------------------- runner
+@dataclass
+class _Job:
+    """One case between the network and its record: the network's result or the error line that ends it."""
+
+    case: Case
+    label: str
+    case_dir: Path
+    sampler: Any
+    inferred: Any = None
+    error: str | None = None
+    bar: Any = None
+    progress: Any = None
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            bar, self.bar = self.bar, None
+            bar[0].close()
+
+
 class BatchRunner:
     """Runs this rank's cases of a :class:`BatchPlan` with one loaded Predictor (see the module docstring).
 
@@ -660,37 +686,54 @@ class BatchRunner:
         self._total = len(plan.cases)
 
     def run(self) -> BatchResult:
-        """Run the cases; Ctrl+C/SIGTERM (``KeyboardInterrupt``) write the summary of what was done and re-raise.
-        Returns the :class:`BatchResult` (the merged summary on rank 0 of several)."""
+        """Run the cases; Ctrl+C/SIGTERM (``KeyboardInterrupt``) let the case being finished complete (its folder
+        appears whole), write the summary of what was done and re-raise. Returns the :class:`BatchResult` (the
+        merged summary on rank 0 of several)."""
         result = BatchResult([], summary=self.plan.summary)
         todo = self._skip_complete(result)
-        last_write = self._clock()
+        self._last_write = self._clock()
+        started = self._clock()
         source = self._source(todo)
         try:
-            for record in self._run_all(source):
-                result.records.append(record)
-                if (
-                    self.plan.summary is not None
-                    and self._clock() - last_write >= self.settings.summary_every_s
-                ):
-                    self._write(result)
-                    last_write = self._clock()
+            self._run_all(source, result)
         except KeyboardInterrupt:
             result.interrupted = True
+            self._echo(self._interrupted_line(result), error=True)
             raise
         finally:
             if isinstance(source, _Prefetcher):
                 source.close()
+            result.elapsed_s = self._clock() - started
             if self.plan.summary is not None:
                 self._write(result)
         if self.plan.summary is not None and self.plan.ranks.distributed:
             self._merge_after_barrier(result)
         return result
 
-    def _label(self, case: Case) -> str:
+    def _interrupted_line(self, result: BatchResult) -> str:
+        done, n = len(result.records), len(self.plan.mine)
+        line = f"{self._label_prefix()}interrupted after {done} of {n} cases; run the same command again to resume"
+        line += " (complete cases are skipped)"
+        if self.plan.summary is not None and self.plan.ranks.distributed:
+            line += f"; this rank's summary is {_rank_part(self.plan.summary, self.plan.ranks)}, merged by the rerun"
+        return line
+
+    def _label_prefix(self) -> str:
         r = self.plan.ranks
-        prefix = f"[rank {r.rank}/{r.world}] " if r.distributed else ""
-        return f"{prefix}[{case.index + 1}/{self._total}] {case.source}"
+        return f"[rank {r.rank}/{r.world}] " if r.distributed else ""
+
+    def _add(self, result: BatchResult, record: CaseRecord) -> None:
+        """Record a finished case; rewrite the summary when ``summary_every_s`` has passed."""
+        result.records.append(record)
+        if (
+            self.plan.summary is not None
+            and self._clock() - self._last_write >= self.settings.summary_every_s
+        ):
+            self._write(result)
+            self._last_write = self._clock()
+
+    def _label(self, case: Case) -> str:
+        return f"{self._label_prefix()}[{case.index + 1}/{self._total}] {case.source}"
 
     def _skip_complete(self, result: BatchResult) -> list[Case]:
         """Record the complete cases as skipped (unless overwrite); returns the cases to run."""
@@ -722,14 +765,46 @@ class BatchRunner:
             return _Prefetcher(self._prepare, todo, self.settings.prefetch)
         return ((case, self._prepare(case)) for case in todo)  # read when its turn comes
 
-    def _run_all(self, source: Any) -> Iterator[CaseRecord]:
+    def _run_all(self, source: Any, result: BatchResult) -> None:
+        """The main thread runs each case's network; with ``pipeline`` a worker thread post-processes and writes
+        the previous case meanwhile (one at a time, in order), else this thread does it before the next case."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        writer = ThreadPoolExecutor(1, thread_name_prefix="batch-finish") if self.settings.pipeline else None
+        pending = None  # the previous case's post-processing and writing, in the worker
+        try:
+            for job in self._network_jobs(source):
+                if writer is None:
+                    self._add(result, self._finish(job))
+                    continue
+                if pending is not None:
+                    record = pending.result()
+                    pending = None
+                    self._add(result, record)
+                pending = writer.submit(self._finish, job)
+            if pending is not None:
+                record = pending.result()
+                pending = None
+                self._add(result, record)
+        except BaseException:
+            if pending is not None:  # interrupted: the case in the worker is completed whole and recorded
+                with contextlib.suppress(BaseException):
+                    self._add(result, pending.result())
+            raise
+        finally:
+            if writer is not None:
+                writer.shutdown(wait=True)
+
+    def _network_jobs(self, source: Any) -> Iterator[_Job]:
+        """Each case of ``source`` through the network, in order (its efficiency sampler started when it is
+        waited for: reading it is part of its wall time)."""
         from universal.efficiency import EfficiencySampler
 
         items = iter(source)
         while True:
             sampler = EfficiencySampler(
                 self.predictor.device, interval_s=self.settings.sample_interval_s, clock=self._clock
-            ).start()  # from the moment this case is waited for: reading it is part of its wall time
+            ).start()
             try:
                 case, prepared = next(items)
             except StopIteration:
@@ -738,65 +813,82 @@ class BatchRunner:
             except BaseException:
                 sampler.stop()
                 raise
-            yield self._run_one(case, prepared, sampler)
+            job = _Job(case, self._label(case), self.plan.case_dir(case), sampler)
+            try:
+                if isinstance(prepared, str):
+                    job.error = prepared
+                else:
+                    self._network(job, prepared)
+            except BaseException:
+                job.close_bar()
+                sampler.stop()
+                raise
+            yield job
 
-    def _run_one(self, case: Case, prepared: Any, sampler: Any) -> CaseRecord:
-        label, case_dir = self._label(case), self.plan.case_dir(case)
-        record = CaseRecord(case.index, case.name, case.source, "failed", rank=self.plan.ranks.rank)
+    def _network(self, job: _Job, prepared: Any) -> None:
+        """``Predictor.run_network`` of one case into ``job`` (its error line on failure)."""
+
+        def progress(stage: str, fraction: float) -> None:
+            if self._case_progress is None:
+                return
+            if job.bar is None:
+                job.bar = self._case_progress(job.label)
+            job.bar[1](stage, fraction)
+
+        job.progress = progress
         try:
-            seg, error = (
-                (None, prepared)
-                if isinstance(prepared, str)
-                else self._infer_and_save(label, prepared, case_dir, sampler)
-            )
+            job.inferred = self.predictor.run_network(prepared, progress)
+        except Exception as exc:  # noqa: BLE001 - one case's failure never stops the batch
+            job.error = error_line(exc)
+        if self.settings.pipeline or job.error is not None:
+            job.close_bar()  # the worker's stages run while the next case's bar shows
+
+    def _finish(self, job: _Job) -> CaseRecord:
+        """Post-processing, mapping back and the case folder as a whole → the case's record (failed with its error
+        line when any step fails)."""
+        record = CaseRecord(
+            job.case.index, job.case.name, job.case.source, "failed", rank=self.plan.ranks.rank
+        )
+        try:
+            seg = None if job.error is not None else self._finish_and_save(job)
         finally:
-            sampler.stop()
-        record.efficiency = sampler.result.to_dict()
+            job.close_bar()
+            job.sampler.stop()
+        record.efficiency = job.sampler.result.to_dict()
         record.wall_s = record.efficiency["wall_s"]
-        if error is not None:
-            record.error = error
-            self._echo(f"{label}: failed: {error}", error=True)
+        if seg is None:
+            record.error = job.error
+            self._echo(f"{job.label}: failed: {job.error}", error=True)
             return record
         record.status, record.timings = "ok", {k: float(v) for k, v in seg.timings.items()}
         record.volumes_ml = dict(seg.volumes_ml)
         present = sum(bool(m.any()) for m in seg.masks.values())
         t = seg.timings.get("total", float("nan"))
-        self._echo(f"{label}: {present}/{len(seg.masks)} classes found in {t:.1f} s -> {case_dir}")
+        self._echo(f"{job.label}: {present}/{len(seg.masks)} classes found in {t:.1f} s -> {job.case_dir}")
         return record
 
-    def _infer_and_save(
-        self, label: str, prepared: Any, case_dir: Path, sampler: Any
-    ) -> tuple[Any, str | None]:
-        """Network, post-processing, mapping back, then the case folder as a whole → ``(segmentation, None)`` or
-        ``(None, message)``."""
-        bar: list[Any] = []
-
-        def progress(stage: str, fraction: float) -> None:
-            if self._case_progress is None:
-                return
-            if not bar:
-                bar.extend(self._case_progress(label))
-            bar[1](stage, fraction)
-
+    def _finish_and_save(self, job: _Job) -> Any:
+        """``Predictor.finish`` then ``Segmentation.save`` → the segmentation, or ``None`` with ``job.error``."""
+        progress = None if self.settings.pipeline else job.progress
+        inferred, job.inferred = job.inferred, None
         try:
-            seg = self.predictor.infer(prepared, progress)
+            seg = self.predictor.finish(inferred, progress)
         except Exception as exc:  # noqa: BLE001 - one case's failure never stops the batch
-            return None, error_line(exc)
-        finally:
-            if bar:
-                bar[0].close()
-        sampler.extra_wall_s = float(
+            job.error = error_line(exc)
+            return None
+        del inferred
+        job.sampler.extra_wall_s = float(
             seg.timings.get("model", 0.0)
-        )  # the first case carries the model's loading
-        seg.info["efficiency"] = sampler.summary().to_dict()  # up to the end of the segmentation
+        )  # the first case carries the model's load
+        seg.info["efficiency"] = job.sampler.summary().to_dict()  # up to the end of the segmentation
         try:
             kwargs = {} if self.settings.formats is None else {"formats": self.settings.formats}
-            seg.save(case_dir, **kwargs)
+            seg.save(job.case_dir, **kwargs)
         except OSError as exc:
-            return None, f"cannot write {case_dir}: {os_error_text(exc)}"
+            job.error = f"cannot write {job.case_dir}: {os_error_text(exc)}"
         except Exception as exc:  # noqa: BLE001
-            return None, f"cannot write {case_dir}: {error_line(exc)}"
-        return seg, None
+            job.error = f"cannot write {job.case_dir}: {error_line(exc)}"
+        return None if job.error is not None else seg
 
     # -------------------------------------------------------------------------------------------- summary
     def _write(self, result: BatchResult) -> None:
@@ -815,10 +907,14 @@ class BatchRunner:
         return {
             "outdir": str(self.plan.outdir),
             "interrupted": result.interrupted,
+            "elapsed_s": None if result.elapsed_s is None else round(result.elapsed_s, 3),
             "cases_total": n,
             "counts": {s: result.count(s) for s in STATUSES} | {"not run": n - len(result.records)},
             "world_size": self.plan.ranks.world,
-            "batch": {k: getattr(self.settings, k) for k in ("overwrite", "prefetch", "formats", "series")},
+            "batch": {
+                k: getattr(self.settings, k)
+                for k in ("overwrite", "prefetch", "pipeline", "formats", "series")
+            },
             "settings": self.predictor.describe(),
         }
 
@@ -900,7 +996,9 @@ def _csv_row(r: CaseRecord, classes: Sequence[str]) -> list[Any]:
 
 def merge_summaries(stem: str | os.PathLike, world: int, total: int) -> tuple[Path, Path]:
     """Rank 0's merge: read each rank's ``<stem>.rank<r>of<w>.json``, write the summary of all cases in list
-    order, then remove the parts. A missing part (a rank that died) is named in ``missing_ranks``."""
+    order, then remove the parts (and those an interrupted run with another number of ranks left: this summary
+    covers their cases, recorded as skipped when complete). A missing part (a rank that died) is named in
+    ``missing_ranks``."""
     stem = Path(stem)
     records: list[CaseRecord] = []
     meta: dict[str, Any] = {}
@@ -918,8 +1016,7 @@ def merge_summaries(stem: str | os.PathLike, world: int, total: int) -> tuple[Pa
     counts = {s: sum(r.status == s for r in records) for s in STATUSES}
     meta.update(cases_total=total, counts=counts | {"not run": total - len(records)}, missing_ranks=missing)
     paths = write_summary(stem, records, meta)
-    for rank in range(world):
-        part = _rank_part(stem, Ranks(rank, world, 0))
+    for part in stem.parent.glob(f"{glob_escape(stem.name)}.rank*of*.json"):
         with contextlib.suppress(OSError):
             part.unlink()
     return paths

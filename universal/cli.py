@@ -184,6 +184,7 @@ def _batch_settings(args: argparse.Namespace):
     given = {
         "overwrite": args.overwrite or None,
         "prefetch": args.prefetch,
+        "pipeline": False if args.no_pipeline else None,
         "summary": args.summary,
         "series": args.series,
         "formats": args.formats,  # --format
@@ -552,6 +553,9 @@ def _add_batch_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--prefetch", type=int, default=None, metavar="N",
                    help=f"CTs read and preprocessed ahead in a worker thread while the current one runs (0 to "
                    f"{MAX_PREFETCH}; 0 = none; default {BatchSettings.prefetch})")
+    s.add_argument("--no-pipeline", action="store_true",
+                   help="post-process and write each case before the next one's network starts (default: in a "
+                   "worker thread while the next case runs, which holds one more case in memory)")
     s.add_argument("--summary", default=None, metavar="PATH",
                    help="write the batch summary to PATH.csv and PATH.json (default: OUTDIR/summary when a "
                    "folder, pattern or manifest is given or several ranks run; else none)")  # fmt: skip

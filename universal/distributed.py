@@ -3,8 +3,10 @@
 ``torchrun --nproc_per_node N`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``);
 Slurm's ``srun`` sets ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID`` (the torchrun names win when both are
 set). With one rank nothing is initialised. With more, :func:`init` starts ``torch.distributed`` (``nccl`` when the
-rank uses CUDA, else ``gloo``) for :func:`barrier`; a Slurm job must give ``MASTER_ADDR`` and ``MASTER_PORT``
-(e.g. ``export MASTER_ADDR=$(scontrol show hostnames $SLURM_NODELIST | head -n1) MASTER_PORT=29500``).
+rank uses CUDA, else ``gloo``) for :func:`barrier`. The rendezvous is ``MASTER_ADDR``/``MASTER_PORT`` (torchrun sets
+them); under Slurm without them, :func:`rendezvous` derives them as every rank of the job can: the first host of
+``SLURM_JOB_NODELIST`` (Slurm's hostlist syntax, ``gpu[03-05,09],login1`` → ``gpu03``) and port
+``15000 + SLURM_JOB_ID % 17000``. Two job steps of one job running at once need their own ``MASTER_PORT``.
 
 Each rank takes the cases ``i`` with ``i % world == rank`` (:meth:`Ranks.mine`): deterministic, disjoint, together
 all of them, and balanced in count.
@@ -20,7 +22,17 @@ from typing import Any, TypeVar
 
 from universal.errors import InputError
 
-__all__ = ["BARRIER_TIMEOUT_S", "Ranks", "barrier", "detect", "device_for", "init", "shutdown"]
+__all__ = [
+    "BARRIER_TIMEOUT_S",
+    "Ranks",
+    "barrier",
+    "detect",
+    "device_for",
+    "first_host",
+    "init",
+    "rendezvous",
+    "shutdown",
+]
 
 T = TypeVar("T")
 
@@ -108,12 +120,87 @@ def device_for(ranks: Ranks, device: str | None) -> str | None:
     return "cpu" if device is not None and device.strip().lower() == "auto" else device
 
 
+#: the Slurm variables naming the job's hosts, in the order they are tried
+_NODELIST_VARIABLES = ("SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_STEP_NODELIST")
+#: the derived port is ``SLURM_PORT_BASE + SLURM_JOB_ID % SLURM_PORT_SPAN``: 15000-31999, unprivileged and below
+#: Linux's ephemeral ports (32768 and up), so no outgoing connection of the node holds it by chance
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 17000
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm hostlist: the first comma-separated item (outside brackets), each bracket replaced
+    by the first number of its first range, leading zeros kept.
+
+    Raises:
+        InputError: An empty or malformed list.
+
+    >>> first_host("gpu[03-05,09],login1"), first_host("a[1-2]b[08-09]"), first_host("node7,node8")
+    ('gpu03', 'a1b08', 'node7')
+    """
+    text, depth, item = str(nodelist).strip(), 0, ""
+    for ch in text:
+        if ch == "," and depth == 0:
+            break
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth not in (0, 1):
+            depth = -1
+            break
+        item += ch
+    host, rest = "", item
+    while rest and depth == 0:
+        head, bracket, tail = rest.partition("[")
+        host += head
+        if not bracket:
+            break
+        inside, closed, rest = tail.partition("]")
+        first = inside.split(",")[0].split("-")[0].strip()
+        if not closed or not first.isdigit():
+            depth = -1
+            break
+        host += first
+    if depth != 0 or not host or any(c in host for c in "[], "):
+        raise InputError(
+            f"cannot read the first host of the Slurm node list {nodelist!r}; export MASTER_ADDR (the first "
+            "node's host name) and MASTER_PORT (a free port) in the job"
+        )
+    return host
+
+
+def rendezvous(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``MASTER_ADDR`` and ``MASTER_PORT`` for :func:`init`: the environment's when set, else derived from Slurm's
+    ``SLURM_JOB_NODELIST`` (:func:`first_host`) and ``SLURM_JOB_ID`` (port ``15000 + id % 17000``).
+
+    Raises:
+        InputError: Neither given nor derivable (not under torchrun or Slurm), or a bad Slurm value.
+
+    >>> rendezvous({"SLURM_JOB_NODELIST": "gpu[03-05]", "SLURM_JOB_ID": "123456"})
+    {'MASTER_ADDR': 'gpu03', 'MASTER_PORT': '19456'}
+    """
+    env = os.environ if environ is None else environ
+    out = {v: str(env[v]).strip() for v in ("MASTER_ADDR", "MASTER_PORT") if str(env.get(v, "")).strip()}
+    nodelist = next((env[v] for v in _NODELIST_VARIABLES if str(env.get(v, "")).strip()), None)
+    if "MASTER_ADDR" not in out and nodelist is not None:
+        out["MASTER_ADDR"] = first_host(nodelist)
+    job = str(env.get("SLURM_JOB_ID", env.get("SLURM_JOBID", ""))).strip()
+    if "MASTER_PORT" not in out and job:
+        if not job.isdigit():
+            raise InputError(f"SLURM_JOB_ID={job!r} is not a whole number; export MASTER_PORT (a free port)")
+        out["MASTER_PORT"] = str(SLURM_PORT_BASE + int(job) % SLURM_PORT_SPAN)
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in out]
+    if missing:
+        raise InputError(
+            f"{' and '.join(missing)} not set for a run of several ranks: launch with torchrun or srun, or export "
+            "MASTER_ADDR (the first node's host name) and MASTER_PORT (a free port)"
+        )
+    return out
+
+
 def init(ranks: Ranks, device: Any) -> bool:
     """Start ``torch.distributed`` for a run of several ranks (``nccl`` on CUDA, else ``gloo``); nothing for one
     rank or when it is already started. Returns whether this call started it.
 
     Raises:
-        InputError: ``MASTER_ADDR``/``MASTER_PORT`` missing (e.g. under ``srun`` without them).
+        InputError: No rendezvous (:func:`rendezvous`).
     """
     if not ranks.distributed:
         return False
@@ -122,12 +209,7 @@ def init(ranks: Ranks, device: Any) -> bool:
 
     if dist.is_initialized():
         return False
-    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
-    if missing:
-        raise InputError(
-            f"{' and '.join(missing)} not set for a run of {ranks.world} ranks: launch with torchrun, or export "
-            "MASTER_ADDR (the first node's host name) and MASTER_PORT (a free port) in the Slurm job"
-        )
+    os.environ.update(rendezvous())  # torch's env:// reads them there
     on_cuda = getattr(torch.device(device), "type", "cpu") == "cuda"
     if on_cuda:
         torch.cuda.set_device(torch.device(device))

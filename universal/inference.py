@@ -181,7 +181,10 @@ class Segmentation:
         into place afterwards): the one place where output files are written; each format's writer is
         :data:`universal.exports.WRITERS`, and ``report.json`` (always) records what they wrote (``outputs``).
         Returns format → :class:`universal.exports.Export`."""
-        written = {f: self._write_nifti(folder) if f == "nifti" else exports.WRITERS[f](self, folder) for f in formats}
+        written = {
+            f: self._write_nifti(folder) if f == "nifti" else exports.WRITERS[f](self, folder)
+            for f in formats
+        }
         report = self.report()
         report["outputs"] = {
             "formats": list(formats),
@@ -366,24 +369,65 @@ def prepare_case(
 
 def finish_case(predictor, case: PreparedCase, progress: ProgressFn | None = None) -> Segmentation:
     """Sliding window, post-processing and mapping back of a :class:`PreparedCase` → :class:`Segmentation`
-    (``timings["total"]``: both halves plus the model's loading, reported in the Predictor's first case)."""
+    (``timings["total"]``: both halves plus the model's loading, reported in the Predictor's first case): the
+    network half (:func:`network_case`) then the CPU half (:func:`complete_case`)."""
+    return complete_case(predictor, network_case(predictor, case, progress), progress)
+
+
+@dataclass
+class InferredCase:
+    """A case after the network (:func:`network_case`), before post-processing: the device's part of the work is
+    done, so a batch post-processes and writes it in a worker thread while the next case runs on the device.
+
+    Attributes:
+        case: The :class:`PreparedCase` it came from.
+        masks: One bool mask per class on the prepared grid (the Predictor's class order).
+        probabilities: Their probabilities when asked for (``return_probabilities``), else ``None``.
+        timings: Seconds of ``load``, ``model``, ``preprocess`` and ``inference``.
+        seconds: Wall seconds of the network half (its model-loading seconds excluded).
+    """
+
+    case: PreparedCase
+    masks: list
+    probabilities: Any
+    timings: dict[str, float]
+    seconds: float
+
+
+def network_case(predictor, case: PreparedCase, progress: ProgressFn | None = None) -> InferredCase:
+    """The sliding window of a :class:`PreparedCase` on the Predictor's device → :class:`InferredCase` (the masks
+    are on the CPU, the device is free for the next case). Raises what the network raises."""
     r = predictor.resolved
     t_start = time.perf_counter()
     report = _progress_reporter(progress)
-    volume, prepared = case.volume, case.prepared
     timings: dict[str, float] = {"load": case.timings["load"], "model": predictor.take_load_seconds()}
     timings.update((k, v) for k, v in case.timings.items() if k != "load")
     clock = _StageClock(timings, report)
     with clock("inference"):
         infer = _infer_official if r.preprocessing.convention == "official" else _infer
-        masks_p, probs_p = infer(predictor, prepared.array, lambda f: report("inference", f))
+        masks_p, probs_p = infer(predictor, case.prepared.array, lambda f: report("inference", f))
+    return InferredCase(case, masks_p, probs_p, timings, time.perf_counter() - t_start)
+
+
+def complete_case(predictor, inferred: InferredCase, progress: ProgressFn | None = None) -> Segmentation:
+    """Post-processing, mapping back and measuring of an :class:`InferredCase` → :class:`Segmentation` (CPU only:
+    no model call, safe in a worker thread while the device runs the next case). Its mask lists are consumed."""
+    r = predictor.resolved
+    t_start = time.perf_counter()
+    report = _progress_reporter(progress)
+    volume, prepared = inferred.case.volume, inferred.case.prepared
+    timings = dict(inferred.timings)
+    clock = _StageClock(timings, report)
+    masks_p, probs_p = inferred.masks, inferred.probabilities
+    inferred.masks, inferred.probabilities = [], None  # the only references left are ours: freed as mapped
     with clock("postprocess"):
         masks_prep = _postprocess(dict(zip(r.classes, masks_p)), volume, prepared, r.postprocess)
     del masks_p
     with clock("resample"):
         masks, probabilities = _map_back(masks_prep, probs_p, prepared, list(r.classes), report)
     volumes_ml, mean_hu = _measure(masks, volume)
-    timings["total"] = case.seconds + time.perf_counter() - t_start + timings["model"]
+    own = time.perf_counter() - t_start
+    timings["total"] = inferred.case.seconds + inferred.seconds + own + timings["model"]
     report("done", 1.0)
     return Segmentation(
         masks=masks,

@@ -326,6 +326,20 @@ class Predictor:
 
         return inference.finish_case(self, prepared, progress)
 
+    def run_network(self, prepared: Any, progress: ProgressFn | None = None):
+        """The device's part of :meth:`infer` (the sliding window) → ``inference.InferredCase`` for :meth:`finish`.
+        ``infer(p)`` is ``finish(run_network(p))``."""
+        from universal import inference
+
+        return inference.network_case(self, prepared, progress)
+
+    def finish(self, inferred: Any, progress: ProgressFn | None = None):
+        """The CPU's part of :meth:`infer` (post-processing, mapping back; no model call, safe in a worker thread
+        while the device runs the next case) → ``Segmentation``."""
+        from universal import inference
+
+        return inference.complete_case(self, inferred, progress)
+
     def predict_many(
         self,
         inputs: Iterable[Any],
