@@ -175,6 +175,8 @@ def test_a_link_out_of_the_output_folder_is_refused(data, tmp_path):
         ({"prefetch": batch.MAX_PREFETCH + 1}, "prefetch is"),
         ({"prefetch": True}, "prefetch is True"),
         ({"overwrite": "yes"}, "overwrite is 'yes'"),
+        ({"pipeline": 1}, "pipeline is 1; it must be True or False"),
+        ({"overwrite": None}, "overwrite is None"),
         ({"sample_interval_s": 0}, "sample_interval_s is 0"),
         ({"summary_every_s": float("nan")}, "summary_every_s is nan"),
         ({"summary": "out/"}, "give a file path"),
@@ -338,7 +340,7 @@ def test_pipeline_finishes_a_case_while_the_next_one_runs_the_network(data, pred
     hooked = Hooked(predictor, on_infer=lambda n: n == "case1" and second_network.set())
     waited = []
     hooked.on_finish = lambda n: n == "case0" and waited.append(second_network.wait(timeout=60))
-    result, lines = run(hooked, [data["cts"]], tmp_path / "a", prefetch=0)
+    result, lines = run(hooked, [data["cts"]], tmp_path / "a", prefetch=0, pipeline=True)
     assert waited == [True] and [r.status for r in result.records] == ["ok", "ok", "ok"]
     assert [line.split(":")[0] for line in lines] == [
         f"[{i}/3] {data['cts']}/case{i - 1}.nii.gz" for i in (1, 2, 3)
@@ -352,6 +354,26 @@ def test_pipeline_finishes_a_case_while_the_next_one_runs_the_network(data, pred
         assert np.array_equal(labels(a), labels(b))
     meta = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert meta["batch"]["pipeline"] is True and meta["elapsed_s"] >= 0
+
+
+def test_prefetch_and_pipeline_default_to_on_for_an_accelerator_only(data, predictor, tmp_path):
+    assert [(s.prefetch, s.pipeline) for s in (BatchSettings().for_device(d) for d in ("cpu", None))] == [
+        (0, False),
+        (0, False),
+    ]
+    import torch
+
+    for device in ("cuda", "cuda:3", torch.device("cuda", 1), "mps"):
+        assert (BatchSettings().for_device(device).prefetch, BatchSettings().for_device(device).pipeline) == (
+            batch.DEFAULT_PREFETCH,
+            True,
+        )
+    given = BatchSettings(prefetch=3, pipeline=False)
+    assert (given.for_device("cuda").prefetch, given.for_device("cuda").pipeline) == (3, False)
+    assert BatchSettings(pipeline=True).for_device("cpu").pipeline is True
+    seq = Hooked(predictor)  # on the CPU, left unset: one after the other
+    run(seq, [data["cts"]], tmp_path / "o")
+    assert seq.events.index(("prepare", "case1")) > seq.events.index(("done", "case0"))
 
 
 @pytest.mark.parametrize("pipeline", [True, False])
@@ -580,9 +602,12 @@ def test_cli_batch_options(data, tmp_path, capsys):
     assert cli.main([*base, str(m), "-o", str(out), "--overwrite"]) == 0
     assert capsys.readouterr().out.count("classes found") == 2
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["counts"]["ok"] == 2 and summary["batch"]["pipeline"]  # a manifest: a summary by default
-    assert cli.main([*base, str(m), "-o", str(out), "--overwrite", "--no-pipeline"]) == 0
-    assert json.loads((out / "summary.json").read_text())["batch"]["pipeline"] is False
+    assert summary["counts"]["ok"] == 2  # a manifest: a summary by default
+    assert (summary["batch"]["prefetch"], summary["batch"]["pipeline"]) == (0, False)  # the CPU's defaults
+    assert cli.main([*base, str(m), "-o", str(out), "--overwrite", "--pipeline", "--prefetch", "2"]) == 0
+    assert json.loads((out / "summary.json").read_text())["batch"] == {
+        "overwrite": True, "prefetch": 2, "pipeline": True, "formats": None, "series": None,
+    }  # fmt: skip
     capsys.readouterr()
     assert (
         cli.main([*base, str(m), "-o", str(out), "--format", "nifti,seg.nrrd"]) == 0

@@ -2,7 +2,7 @@
 
 What ``universal segment`` runs (and what a script can run)::
 
-    plan = plan_batch(["cts/", "more/*.nii.gz", "list.csv"], "out/", BatchSettings(prefetch=1))
+    plan = plan_batch(["cts/", "more/*.nii.gz", "list.csv"], "out/", BatchSettings(overwrite=True))
     result = BatchRunner(Predictor("builtin"), plan, plan.settings).run()
 
 - **Case lists** (:func:`collect_cases`): a CT (file, DICOM folder, zip), a **folder of CTs** (its files with a CT
@@ -14,10 +14,18 @@ What ``universal segment`` runs (and what a script can run)::
   is not a plain folder name are refused with the line (CSV) or entry (JSON) that holds them, before the model loads.
 - **Output names**: a manifest's ``name``, else the rule of ``universal segment --help`` (:func:`case_names`);
   names are unique ignoring case and never leave the output folder.
-- **Prefetch** (``BatchSettings.prefetch``, default 1): a worker thread reads and preprocesses the next cases
+- **Prefetch** (``BatchSettings.prefetch``, default 1 on a GPU, 0 on the CPU): a worker thread reads and
+  preprocesses the next cases
   (``Predictor.prepare``) into a bounded queue while the main thread runs the network (``Predictor.infer``) and
   writes; at most ``prefetch`` prepared CTs wait, plus the one being prepared and the one running. 0 = one after
   the other.
+- **Pipeline** (``BatchSettings.pipeline``, default on a GPU, off on the CPU): the main thread runs only the network
+  (``Predictor.run_network``); a worker thread post-processes, maps back and writes the previous case
+  (``Predictor.finish``, ``Segmentation.save``) meanwhile, so that a GPU does not wait for the CPU's half. One case
+  at most is in the worker; an interruption waits for it (written whole, counted) before the summary.
+  On the CPU the network already keeps every core busy, so neither worker gains anything there (``bench/batch.py``
+  on 2 cores: 0.8-1.1x, within the noise, with more memory and more spread); :meth:`BatchSettings.for_device`
+  turns both on only for an accelerator unless they are set.
 - **Resume**: a case whose folder is complete (a valid ``report.json``, its label map and one mask per class) and
   was made with the same model and settings (classes, fast, threshold, overlap, window, post-processing,
   convention, template) is skipped; ``overwrite=True`` redoes it. A complete folder made with other settings is
@@ -46,7 +54,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
@@ -55,6 +63,7 @@ from universal.distributed import Ranks
 from universal.errors import InputError, UniversalError
 
 __all__ = [
+    "DEFAULT_PREFETCH",
     "MANIFEST_SUFFIXES",
     "MAX_PREFETCH",
     "BatchPlan",
@@ -74,6 +83,8 @@ __all__ = [
 MANIFEST_SUFFIXES = (".csv", ".json")
 #: the largest ``prefetch`` depth (each waiting CT holds its prepared grid in memory)
 MAX_PREFETCH = 8
+#: ``prefetch`` on an accelerator when left unset (:meth:`BatchSettings.for_device`)
+DEFAULT_PREFETCH = 1
 #: the settings a resumed run compares with a complete case's report before skipping it
 RESUME_KEYS = (
     "model",
@@ -97,7 +108,8 @@ class BatchSettings:
 
     Attributes:
         overwrite: Redo cases whose output folder is already complete (default: skip them).
-        prefetch: CTs read and preprocessed ahead in a worker thread (0..:data:`MAX_PREFETCH`; 0 = none).
+        prefetch: CTs read and preprocessed ahead in a worker thread (0..:data:`MAX_PREFETCH`; 0 = none;
+            ``None``: 1 on a GPU, 0 on the CPU, see :meth:`for_device`).
         summary: Where the summary goes: a path stem (``.csv``/``.json`` are added; either suffix given is
             dropped); ``None`` = ``OUTDIR/summary`` when one is written by default.
         formats: Output formats passed to ``Segmentation.save(formats=...)`` (``universal.exports.FORMATS``;
@@ -105,26 +117,27 @@ class BatchSettings:
         series: The DICOM series of every DICOM input (see ``universal.io.load_volume``).
         pipeline: Post-process and write each case in a worker thread while the next case runs the network
             (default), so that the device is not idle while the CPU finishes a case; ``False``: one after the
-            other. The outputs are the same either way; one more case is held in memory.
+            other. The outputs are the same either way; one more case is held in memory. ``None``: on for a GPU,
+            off on the CPU (:meth:`for_device`).
         sample_interval_s: Seconds between the efficiency sampler's samples (FLARE: 0.1).
         summary_every_s: Seconds between intermediate summary writes during a long batch.
     """
 
     overwrite: bool = False
-    prefetch: int = 1
+    prefetch: int | None = None
     summary: str | None = None
     formats: tuple[str, ...] | None = None
     series: str | None = None
-    pipeline: bool = True
+    pipeline: bool | None = None
     sample_interval_s: float = 0.1
     summary_every_s: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("overwrite", "pipeline"):
-            if not isinstance(getattr(self, name), bool):
-                raise InputError(f"{name} is {getattr(self, name)!r}; it must be True or False")
+        for name, v in (("overwrite", self.overwrite), ("pipeline", self.pipeline)):
+            if not isinstance(v, bool) and not (name == "pipeline" and v is None):
+                raise InputError(f"{name} is {v!r}; it must be True or False")
         p = self.prefetch
-        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= MAX_PREFETCH:
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= MAX_PREFETCH):
             raise InputError(
                 f"prefetch is {p!r}; it must be a whole number from 0 (no prefetch) to {MAX_PREFETCH}"
             )
@@ -146,6 +159,23 @@ class BatchSettings:
             object.__setattr__(self, "formats", parse_formats(self.formats))
         if self.series is not None:
             object.__setattr__(self, "series", str(self.series))
+
+    def for_device(self, device: Any) -> BatchSettings:
+        """These settings with ``prefetch`` and ``pipeline`` decided for ``device`` where left ``None``: both on
+        (prefetch 1) for an accelerator (CUDA, MPS), where the CPU is otherwise idle while the network runs; both
+        off on the CPU, where the network keeps every core busy.
+
+        >>> s = BatchSettings().for_device("cpu"), BatchSettings(prefetch=2).for_device("cuda:1")
+        >>> [(x.prefetch, x.pipeline) for x in s]
+        [(0, False), (2, True)]
+        """
+        kind = str(getattr(device, "type", device) or "cpu").split(":")[0].strip().lower()
+        accelerator = kind not in ("cpu", "")
+        return replace(
+            self,
+            prefetch=(DEFAULT_PREFETCH if accelerator else 0) if self.prefetch is None else self.prefetch,
+            pipeline=accelerator if self.pipeline is None else self.pipeline,
+        )
 
 
 # ------------------------------------------------------------------------------------------------- case lists
@@ -661,7 +691,8 @@ class BatchRunner:
     Args:
         predictor: A ``universal.Predictor`` (its model is loaded once, before the first case).
         plan: From :func:`plan_batch`.
-        settings: The batch settings (default: the plan's).
+        settings: The batch settings (default: the plan's), decided for the Predictor's device
+            (:meth:`BatchSettings.for_device`).
         echo: ``echo(line, error=False)`` for one line per case (default: print to stdout / stderr).
         case_progress: ``case_progress(label) -> (bar, update(stage, fraction))`` for a bar within a case
             (``bar.close()`` at the end), or ``None``.
@@ -679,7 +710,7 @@ class BatchRunner:
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.predictor, self.plan = predictor, plan
-        self.settings = settings or plan.settings
+        self.settings = (settings or plan.settings).for_device(getattr(predictor, "device", None))
         self._echo = echo or _print
         self._case_progress = case_progress
         self._clock = clock
@@ -1012,6 +1043,8 @@ def merge_summaries(stem: str | os.PathLike, world: int, total: int) -> tuple[Pa
             continue
         meta = meta or {k: v for k, v in data.items() if k != "cases"}
         meta["interrupted"] = bool(meta.get("interrupted")) or bool(data.get("interrupted"))
+        spans = [x for x in (meta.get("elapsed_s"), data.get("elapsed_s")) if isinstance(x, (int, float))]
+        meta["elapsed_s"] = max(spans) if spans else None  # the slowest rank's
         records += [_record_from_dict(d) for d in data.get("cases", [])]
     counts = {s: sum(r.status == s for r in records) for s in STATUSES}
     meta.update(cases_total=total, counts=counts | {"not run": total - len(records)}, missing_ranks=missing)

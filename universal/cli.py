@@ -184,7 +184,7 @@ def _batch_settings(args: argparse.Namespace):
     given = {
         "overwrite": args.overwrite or None,
         "prefetch": args.prefetch,
-        "pipeline": False if args.no_pipeline else None,
+        "pipeline": args.pipeline,
         "summary": args.summary,
         "series": args.series,
         "formats": args.formats,  # --format
@@ -546,16 +546,17 @@ def _add_segment_parser(sub: Any, fmt: Any) -> None:
 
 def _add_batch_args(s: argparse.ArgumentParser) -> None:
     """The options of :class:`universal.batch.BatchSettings` (defaults and bounds from the library)."""
-    from universal.batch import MAX_PREFETCH, BatchSettings
+    from universal.batch import DEFAULT_PREFETCH, MAX_PREFETCH
 
     s.add_argument("--overwrite", action="store_true",
                    help="redo cases whose output folder is complete (default: skip them, so a rerun resumes)")
     s.add_argument("--prefetch", type=int, default=None, metavar="N",
                    help=f"CTs read and preprocessed ahead in a worker thread while the current one runs (0 to "
-                   f"{MAX_PREFETCH}; 0 = none; default {BatchSettings.prefetch})")
-    s.add_argument("--no-pipeline", action="store_true",
-                   help="post-process and write each case before the next one's network starts (default: in a "
-                   "worker thread while the next case runs, which holds one more case in memory)")
+                   f"{MAX_PREFETCH}; 0 = none; default {DEFAULT_PREFETCH} on a GPU, 0 on the CPU)")
+    s.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=None,
+                   help="post-process and write each case in a worker thread while the next one runs the network "
+                   "(one more case in memory; same outputs). Default: on a GPU, off on the CPU, whose cores the "
+                   "network already keeps busy")
     s.add_argument("--summary", default=None, metavar="PATH",
                    help="write the batch summary to PATH.csv and PATH.json (default: OUTDIR/summary when a "
                    "folder, pattern or manifest is given or several ranks run; else none)")  # fmt: skip
