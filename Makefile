@@ -24,6 +24,7 @@ $(STAMP): $(BIN)/python requirements.txt pyproject.toml
 install: $(STAMP)
 
 demo: install
+	$(BIN)/python -m compileall -q universal  # bytecode cached even where PYTHONDONTWRITEBYTECODE is set
 	$(BIN)/universal demo
 
 test: install

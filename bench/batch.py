@@ -1,7 +1,8 @@
 """Batch throughput of ``universal segment`` (issue 16): sequential vs prefetch, and 1 vs 2 ranks.
 
 Builds a batch of ``--cases`` CTs (default 20: phantoms of different seeds and copies of the real
-``../shared/data/ts_abdomen_3mm/ct.nii.gz``, alternating), then runs the CLI in a fresh process per row with the
+``../shared/data/ts_abdomen_3mm/ct.nii.gz``, alternating; the folder ``$UNIVERSAL_BENCH_DATA`` instead of
+``../shared/data`` when that is set), then runs the CLI in a fresh process per row with the
 built-in model in fast mode and prints a markdown table:
 
 - ``sequential``: ``--prefetch 0 --no-pipeline`` (each CT read when its turn comes, written before the next);
@@ -35,7 +36,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_CT = ROOT.parent / "shared" / "data" / "ts_abdomen_3mm" / "ct.nii.gz"
+#: ``$UNIVERSAL_BENCH_DATA`` when set (``bench/gpu_checks.sh`` points it at ``.gpu_data``), else ../shared/data
+DATA = Path(os.environ.get("UNIVERSAL_BENCH_DATA") or ROOT.parent / "shared" / "data").resolve()
+REAL_CT = DATA / "ts_abdomen_3mm" / "ct.nii.gz"
 ROWS = {
     "sequential": ["--prefetch", "0", "--no-pipeline"],
     "prefetch 1": ["--prefetch", "1", "--no-pipeline"],
@@ -75,7 +78,9 @@ def run_row(
     if name == "2 ranks":
         head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "universal.cli", "segment"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # keep an existing PYTHONPATH (e.g. wheels installed with --target on a GPU machine)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # every process (each rank) gets this many intra-op threads
     t0 = time.perf_counter()

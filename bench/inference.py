@@ -14,7 +14,8 @@ GPU max allocated when CUDA is used) for
 - ``segment fast``: ``fast=True`` (3 mm).
 
 and the minimum per-class DSC of each ``segment`` variant against the reference (``segment@0.5`` must be
-≥ 0.999: same algorithm, different implementation). Cases: the real CTs of ``../shared/data`` —
+≥ 0.999: same algorithm, different implementation). Cases: the real CTs of ``../shared/data`` (or of the folder
+named by the environment variable ``UNIVERSAL_BENCH_DATA``, e.g. ``.gpu_data`` on a GPU machine) —
 ``ts_cta_1p5mm_unlabeled`` (233×167×191 at 1.5 mm), ``ts_aorta_1p5mm``, ``ts_abdomen_3mm`` — and the synthetic
 phantom (128×128×96 at 1.5 mm). The per-stage times (preprocess/inference/postprocess/resample) of ``segment``
 (standard) and ``segment fast`` with the trained built-in weights are the numbers to quote (issue 16):
@@ -51,7 +52,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SHARED = ROOT.parent / "shared" / "data"
+#: the real CTs: ``$UNIVERSAL_BENCH_DATA`` when set (``bench/gpu_checks.sh``: ``.gpu_data``), else ../shared/data
+SHARED = Path(os.environ.get("UNIVERSAL_BENCH_DATA") or ROOT.parent / "shared" / "data").resolve()
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 

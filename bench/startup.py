@@ -16,7 +16,10 @@ Usage::
     python bench/startup.py                          # the real CT ../shared/data/ts_abdomen_3mm/ct.nii.gz
     python bench/startup.py --ct my.nii.gz --repeat 5
 
-Timings depend on the machine and its load; never asserted in tests. ``python -X importtime -m universal.cli
+Where ``PYTHONDONTWRITEBYTECODE`` is set (as on the project's development machine) Python never caches the
+package's bytecode and every process compiles the modules it imports (about 0.1 s of ``--help``, 0.3 s before the
+first inference); ``make demo`` and ``python -m compileall universal`` cache it, as ``pip install`` does. The table's
+header says which case it measured. Timings depend on the machine and its load; never asserted in tests. ``python -X importtime -m universal.cli
 segment --help`` shows what each import costs.
 """
 
@@ -95,8 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("segment --fast: start → first inference", first))
     rows.append(("segment --fast: end to end", total))
     base = statistics.median(rows[0][1])
+    cached = any((ROOT / "universal").glob("__pycache__/cli.*.pyc"))
+    no_write = bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
     print(f"\nStart-up ({args.repeat} fresh processes each, median; CT {Path(args.ct).name}; "
-          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})\n")  # fmt: skip
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; universal's bytecode "
+          f"{'cached' if cached else 'NOT cached: every process compiles its modules'}"
+          f"{', PYTHONDONTWRITEBYTECODE set' if no_write else ''})\n")  # fmt: skip
     print("| what | median s | min s | minus `python -c pass` s |")
     print("|---|---|---|---|")
     for name, values in rows:

@@ -570,19 +570,26 @@ def test_an_interrupted_run_of_two_ranks_is_merged_by_the_rerun(data, predictor,
     assert not list(out.glob("summary.rank*"))
 
 
-def test_the_interruption_line_says_how_to_go_on(data, predictor, tmp_path):
-    lines = []
-    plan = plan_batch([str(data["cts"])], tmp_path / "o", BatchSettings(), Ranks(1, 2, 1))
+def test_the_interruption_says_how_to_go_on(data, predictor, tmp_path):
+    """A note on the KeyboardInterrupt (the CLI's one line ends with it), for several cases or ranks only."""
     hooked = Hooked(predictor, on_infer=lambda name: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with pytest.raises(KeyboardInterrupt):
-        BatchRunner(hooked, plan, echo=lambda line, error=False: lines.append((line, error))).run()
-    assert lines == [
-        (
-            "[rank 1/2] interrupted after 0 of 1 cases; run the same command again to resume (complete cases are "
-            f"skipped); this rank's summary is {tmp_path / 'o' / 'summary'}.rank1of2.json, merged by the rerun",
-            True,
-        )
+    plan = plan_batch([str(data["cts"])], tmp_path / "o", BatchSettings(), Ranks(1, 2, 1))
+    with pytest.raises(KeyboardInterrupt) as info:
+        BatchRunner(hooked, plan, echo=lambda line, error=False: None).run()
+    assert info.value.__notes__ == [
+        "[rank 1/2] 0 of 1 cases done; run the same command again to resume (complete cases are skipped); this "
+        f"rank's summary is {tmp_path / 'o' / 'summary'}.rank1of2.json, merged by the rerun"
     ]
+    plan = plan_batch([str(data["cts"])], tmp_path / "p", BatchSettings())
+    with pytest.raises(KeyboardInterrupt) as info:
+        BatchRunner(hooked, plan, echo=lambda line, error=False: None).run()
+    assert info.value.__notes__ == [
+        "0 of 3 cases done; run the same command again to resume (complete cases are skipped)"
+    ]
+    one = plan_batch([str(data["cts"] / "case0.nii.gz")], tmp_path / "q", BatchSettings())
+    with pytest.raises(KeyboardInterrupt) as info:
+        BatchRunner(hooked, one, echo=lambda line, error=False: None).run()
+    assert not hasattr(info.value, "__notes__")  # one CT: just "interrupted"
 
 
 # -------------------------------------------------------------------------------------------------------- CLI

@@ -505,7 +505,7 @@ def test_real_signals_at_each_moment_leave_no_partial_case(files, tmp_path):
     assert lines, f"exit {done.returncode}\n{done.stdout}\n{done.stderr[-3000:]}"
     results = json.loads(lines[0][len("RESULTS ") :])
     assert done.returncode == cli.EXIT_TERMINATED  # the process itself exits 143 after SIGTERM
-    for (name, _, n, sig, _, expected), res in zip(plan, results):
+    for (name, _, n, sig, inputs, expected), res in zip(plan, results):
         out, said = outs[name], messages(res["stderr"])
         assert res["calls"] >= n, f"{name}: the hook was reached {res['calls']} times"
         assert res["handler_restored"], f"{name}: the SIGTERM handler was not restored"
@@ -518,6 +518,8 @@ def test_real_signals_at_each_moment_leave_no_partial_case(files, tmp_path):
         else:
             code, text = (143, "interrupted (SIGTERM)") if sig == "SIGTERM" else (130, "interrupted")
             assert res["rc"] == code, f"{name}: exit {res['rc']}\n{res['stderr']}"
+            if len(inputs) > 1:  # a batch: the one line also says how to resume
+                text += ": 1 of 2 cases done; run the same command again to resume (complete cases are skipped)"
             assert said == [text], f"{name}: {said}"
         if expected == "nothing":
             assert not out.exists() or list(out.iterdir()) == [], f"{name}: {list(out.rglob('*'))}"

@@ -718,7 +718,8 @@ class BatchRunner:
 
     def run(self) -> BatchResult:
         """Run the cases; Ctrl+C/SIGTERM (``KeyboardInterrupt``) let the case being finished complete (its folder
-        appears whole), write the summary of what was done and re-raise. Returns the :class:`BatchResult` (the
+        appears whole), write the summary of what was done and re-raise (with a note saying how to resume, for a
+        batch of several cases or ranks). Returns the :class:`BatchResult` (the
         merged summary on rank 0 of several)."""
         result = BatchResult([], summary=self.plan.summary)
         todo = self._skip_complete(result)
@@ -727,9 +728,10 @@ class BatchRunner:
         source = self._source(todo)
         try:
             self._run_all(source, result)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             result.interrupted = True
-            self._echo(self._interrupted_line(result), error=True)
+            if len(self.plan.mine) > 1 or self.plan.ranks.distributed:  # how to go on, for the CLI's one line
+                exc.add_note(self._interrupted_line(result))
             raise
         finally:
             if isinstance(source, _Prefetcher):
@@ -743,7 +745,7 @@ class BatchRunner:
 
     def _interrupted_line(self, result: BatchResult) -> str:
         done, n = len(result.records), len(self.plan.mine)
-        line = f"{self._label_prefix()}interrupted after {done} of {n} cases; run the same command again to resume"
+        line = f"{self._label_prefix()}{done} of {n} cases done; run the same command again to resume"
         line += " (complete cases are skipped)"
         if self.plan.summary is not None and self.plan.ranks.distributed:
             line += f"; this rank's summary is {_rank_part(self.plan.summary, self.plan.ranks)}, merged by the rerun"

@@ -782,7 +782,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(str(exc))
         except KeyboardInterrupt as exc:  # Ctrl+C, or SIGTERM (Terminated)
             terminated = isinstance(exc, Terminated)
-            print("interrupted (SIGTERM)" if terminated else "interrupted", file=sys.stderr)
+            notes = getattr(exc, "__notes__", None)  # a batch says how to resume
+            line = "interrupted (SIGTERM)" if terminated else "interrupted"
+            print(f"{line}: {notes[-1]}" if notes else line, file=sys.stderr)
             return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
         except OSError as exc:  # a file that cannot be read or written (missing, permissions, disk full)
             return _fail(_os_error_text(exc))
