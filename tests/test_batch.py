@@ -463,6 +463,23 @@ def test_sampler_on_a_fake_clock_and_gpu():
     assert e.to_dict()["gpu"] == "fake" and e.to_dict()["gpu_area_mb_s"] == 90.0
 
 
+def test_gpu_numbers_end_with_the_network_when_cases_overlap():
+    """end_gpu(): the peak and the area stop at that moment (the next case's memory is not counted); the wall time
+    and RSS go on to stop()."""
+    clock = iter([0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 4.0]).__next__
+    gpu = FakeGpu([100.0, 300.0, 9999.0], peak=350.0)
+    s = efficiency.EfficiencySampler("cuda", probe=gpu, clock=clock, rss=lambda: 10.0).start(thread=False)
+    s.sample()  # t=1: 300 MB
+    s.end_gpu()  # t=2: the 3rd reading would be 9999 → taken here, so the peak is 9999 (still this case's)
+    gpu._peak = 20000.0  # the next case's network: not this case's
+    s.sample()  # t=3: RSS only
+    e = s.stop()  # t=4
+    assert gpu.values == [] and e.gpu_peak_mb == 9999.0 and e.wall_s == 4.0 and e.samples == 5
+    assert e.gpu_area_mb_s == efficiency.memory_time_area([0.0, 1.0, 2.0], [100.0, 300.0, 9999.0])
+    s.end_gpu()  # a second call changes nothing
+    assert s.summary().gpu_peak_mb == 9999.0
+
+
 def test_a_summary_before_stop_covers_the_span_up_to_now():
     """report.json is written while the sampler still runs: its numbers must reach the end of the segmentation,
     whether or not the background thread has woken up yet (no dependence on the machine's speed)."""

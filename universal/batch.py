@@ -873,6 +873,8 @@ class BatchRunner:
             job.inferred = self.predictor.run_network(prepared, progress)
         except Exception as exc:  # noqa: BLE001 - one case's failure never stops the batch
             job.error = error_line(exc)
+        if self.settings.pipeline:
+            job.sampler.end_gpu()  # the device is the next case's from now on
         if self.settings.pipeline or job.error is not None:
             job.close_bar()  # the worker's stages run while the next case's bar shows
 

@@ -12,6 +12,9 @@ FLARE 2023 scores each case by its running time, its peak GPU memory and the are
   high-water mark (``resource.getrusage``).
 - **Wall time**: from :meth:`EfficiencySampler.start` to :meth:`EfficiencySampler.stop`, plus ``extra_wall_s``
   (a batch adds the model's loading to its first case, as FLARE's per-case container start does).
+- **Overlapping cases** (a batch's pipeline post-processes a case while the next one runs the network): the GPU
+  numbers of a case end with its network (:meth:`EfficiencySampler.end_gpu`), since the device then belongs to
+  the next case; its wall time still runs until its last file is written. RSS is the process's, shared by both.
 
 The interval and the clock are injectable (``interval_s``, ``clock``), as is the GPU reader (``probe``), so tests
 run on a fake clock with a fake GPU; no number here is ever asserted against the machine's speed.
@@ -268,13 +271,14 @@ class EfficiencySampler:
         self.rss_mb: list[float] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._gpu_peak_at_end: float | None = None  # set by end_gpu()
         self._lock = threading.Lock()
         self._t0 = self._t1 = 0.0
         self.result: Efficiency | None = None
 
     def sample(self) -> None:
-        """Take one sample now (the thread calls this every ``interval_s``)."""
-        gpu = self._probe.read() if self._probe is not None else None
+        """Take one sample now (the thread calls this every ``interval_s``); after :meth:`end_gpu`, RSS only."""
+        gpu = self._probe.read() if self._probe is not None and self._gpu_peak_at_end is None else None
         rss = self._rss()
         with self._lock:
             self.times.append(self._clock())
@@ -297,6 +301,17 @@ class EfficiencySampler:
         while not self._stop.wait(self.interval_s):
             self.sample()
 
+    def end_gpu(self) -> None:
+        """The case's device work is over (a batch's pipeline: its network has ended and the device now runs the
+        next case): take a last GPU sample and keep the peak as it is now; later samples record RSS only, so that
+        the next case's memory is not counted for this one. No effect without a GPU or when called again."""
+        if self._probe is None or self._gpu_peak_at_end is not None:
+            return
+        self.sample()
+        with self._lock:
+            gpu = list(self.gpu_mb)
+        self._gpu_peak_at_end = max(max(gpu, default=0.0), self._probe.peak() or 0.0)
+
     def stop(self) -> Efficiency:
         """Stop sampling (one last sample), stop the wall clock → :class:`Efficiency` (also in :attr:`result`)."""
         self._stop.set()
@@ -316,8 +331,8 @@ class EfficiencySampler:
             times, gpu, rss = list(self.times), list(self.gpu_mb), list(self.rss_mb)
         gpu_peak = area = None
         if self._probe is not None and gpu:
-            torch_peak = self._probe.peak()
-            gpu_peak = max(max(gpu), torch_peak or 0.0)
+            ended = self._gpu_peak_at_end
+            gpu_peak = ended if ended is not None else max(max(gpu), self._probe.peak() or 0.0)
             area = memory_time_area(times[: len(gpu)], gpu)
         end = self._t1 if self._stop.is_set() else self._clock()  # before stop(): up to now
         return Efficiency(
