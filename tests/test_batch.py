@@ -856,3 +856,55 @@ def test_rendezvous_prefers_the_environment_then_derives_it_from_slurm():
         distributed.rendezvous({**slurm, "SLURM_JOB_ID": str(j)})["MASTER_PORT"] for j in range(0, 10**6, 997)
     }
     assert all(15000 <= int(p) < 32000 for p in ports)  # unprivileged and below the ephemeral range
+
+
+ON_MAIN_FIRST = """
+import sys
+from universal import distributed
+from universal.errors import CheckpointError, InputError
+rank, fail = int(sys.argv[1]), sys.argv[2] == "fail"
+ranks = distributed.Ranks(rank, 2, rank, "torchrun")
+distributed.init(ranks, "cpu")
+calls = []
+def fn():
+    calls.append(rank)
+    if fail:
+        raise CheckpointError("the weights file changed on disk")
+    return "path/to/weights.pt"
+try:
+    print("VALUE", distributed.on_main_first(ranks, fn), calls)
+except (InputError, CheckpointError) as exc:
+    print("ERROR", type(exc).__name__, exc, calls)
+distributed.barrier(ranks)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail", [False, True])
+def test_on_main_first_runs_once_on_rank_0_and_tells_the_others(tmp_path, fail):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT)}
+    script = tmp_path / "main_first.py"
+    script.write_text(ON_MAIN_FIRST)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), "fail" if fail else "ok"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=120)[0].strip().splitlines()[-1] for p in procs]
+    if fail:
+        assert outs == [
+            "ERROR CheckpointError the weights file changed on disk [0]",
+            "ERROR InputError rank 0 stopped: the weights file changed on disk []",
+        ]
+    else:
+        assert outs == ["VALUE path/to/weights.pt [0]", "VALUE None []"]  # fn ran on rank 0 only

@@ -363,3 +363,43 @@ def test_cli_segment_takes_a_hub_spec_as_weights(hub, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "ct" / "masks" / "liver.nii.gz").is_file()
     assert "/org/weights/resolve/v1.0/unet.pt" in [r["path"] for r in hub.requests]
+
+
+def test_prepare_weights_downloads_accepts_or_refuses_an_option_that_would_do_nothing(registry, tmp_path):
+    with pytest.raises(DownloadError, match="--accept-licence"):
+        sources.prepare_weights("local-nc")  # research only, not accepted: nothing downloaded
+    assert not (registry / "local-nc.pt").exists()
+    assert sources.prepare_weights("local-nc", accept_licence=True) == registry / "local-nc.pt"
+    assert sources.prepare_weights("local-nc") == registry / "local-nc.pt"  # accepted once, cached
+    assert (
+        sources.prepare_weights("builtin") is None and sources.prepare_weights(builtin_weights_path()) is None
+    )
+    for weights, what in [("builtin", "licensed Apache-2.0"), ("local-open", "licensed Apache-2.0"),
+                          (str(builtin_weights_path()), "a file"), ("hf-hub:org/weights", "a Hub file")]:  # fmt: skip
+        with pytest.raises(InputError, match="no licence to accept; leave it out") as info:
+            sources.prepare_weights(weights, accept_licence=True)
+        assert what in str(info.value) and "\n" not in str(info.value)
+    assert not (registry / "local-open.pt").exists()  # refused before any download
+
+
+@pytest.mark.slow
+def test_cli_segment_accepts_a_licence_then_downloads_once_and_segments(registry, server, tmp_path, capsys):
+    from universal.cli import main
+    from universal.io import save_volume
+    from universal.phantom import make_phantom
+    from universal.predictor import clear_model_cache
+
+    clear_model_cache()
+    ct = save_volume(make_phantom(shape=(48, 48, 40), spacing=(3.0, 3.0, 3.0)).volume, tmp_path / "ct.nii.gz")
+    argv = ["segment", str(ct), "--weights", "local-nc", "--classes", "liver", "--fast"]
+    assert main([*argv, "-o", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--accept-licence" in err[0] and not (tmp_path / "refused").exists()
+    assert server.requests == []  # nothing was sent before the licence is accepted
+    assert main([*argv, "-o", str(tmp_path / "out"), "--accept-licence"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "ct" / "masks" / "liver.nii.gz").is_file()
+    assert [r["path"] for r in server.requests] == ["/w/other.pt"]  # one download
+    assert (
+        main(["segment", str(ct), "--weights", "builtin", "--accept-licence", "-o", str(tmp_path / "b")]) == 2
+    )
+    assert "no licence to accept" in capsys.readouterr().err and not (tmp_path / "b").exists()

@@ -126,6 +126,9 @@ def _add_predictor_args(p: argparse.ArgumentParser, *, weights_help: str = "see 
     p.add_argument("--convention", default=None, choices=CONVENTIONS,
                    help="grid convention (default: the model's): official = the official release's MONAI chain "
                    "(the default of its checkpoints), universal = the project's own")  # fmt: skip
+    p.add_argument("--accept-licence", action="store_true",
+                   help="accept (and record, once) the non-open licence of downloaded weights such as the official "
+                   "release's CC BY-NC-ND 4.0 (see `universal models`)")  # fmt: skip
     p.add_argument("--max-voxels", type=int, default=None, metavar="N",
                    help="refuse a CT whose prepared grid would hold more voxels (memory bound; default: "
                    "universal.preprocess.MAX_PREPARED_VOXELS)")  # fmt: skip
@@ -166,6 +169,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     created, started = _prepare_output(out), False
     try:
         started = distributed.init(ranks, resolved)  # several ranks: gloo (CPU) or nccl (CUDA)
+        distributed.on_main_first(ranks, lambda: _prepare_weights(args))  # one download, not one per rank
         predictor = Predictor(args.weights, settings)
         bars = None if ranks.distributed else _progress_bar  # one bar per rank would garble the terminal
         result = batch.BatchRunner(predictor, plan, case_progress=bars).run()
@@ -378,7 +382,9 @@ def _cmd_pseudo(args: argparse.Namespace) -> int:
     config = PseudoLabelConfig(
         **{k: v for k, v in rules.items() if v is not None}
     )  # validated before any load
-    teacher = Predictor(args.weights, _settings_from_args(args, return_probabilities=True))
+    settings = _settings_from_args(args, return_probabilities=True)
+    _prepare_weights(args)
+    teacher = Predictor(args.weights, settings)
     manifest, report = pseudo_label(args.manifest, teacher, args.output, config)
     print(f"new manifest: {manifest}")
     s = report["settings"]
@@ -409,6 +415,18 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         for c, n in zip(classes, norms):
             print(f"  {c.index:2d} {c.name:28s} |w| = {n:.3f}")
     return EXIT_OK
+
+
+def _prepare_weights(args: argparse.Namespace) -> None:
+    """Download (with a progress bar) and check downloadable weights before the model loads; ``--accept-licence``
+    accepts their licence (``universal.model.sources.prepare_weights``)."""
+    from universal.model import sources
+
+    update, close = sources.tqdm_progress(str(args.weights))
+    try:
+        sources.prepare_weights(args.weights, accept_licence=args.accept_licence, progress=update)
+    finally:
+        close()
 
 
 def _cmd_models(args: argparse.Namespace) -> int:

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from universal.errors import InputError
+from universal.errors import InputError, UniversalError
 
 __all__ = [
     "BARRIER_TIMEOUT_S",
@@ -30,6 +30,7 @@ __all__ = [
     "device_for",
     "first_host",
     "init",
+    "on_main_first",
     "rendezvous",
     "shutdown",
 ]
@@ -236,6 +237,52 @@ def barrier(ranks: Ranks) -> None:
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
             dist.barrier()
+
+
+def on_main_first(ranks: Ranks, fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on rank 0 while the other ranks wait, then tell them whether it worked (e.g. a weights download
+    that every rank would otherwise start at once). One rank: just ``fn()``. Returns ``fn()``'s value on rank 0,
+    ``None`` elsewhere.
+
+    Raises:
+        On rank 0, what ``fn`` raises; on the others, ``InputError`` with rank 0's one-line message (a project
+        error), so that no rank waits at a later barrier for a rank that has stopped.
+    """
+    if not ranks.distributed:
+        return fn()
+    error, value = "", None
+    if ranks.main:
+        try:
+            value = fn()
+        except UniversalError as exc:
+            error = str(exc) or type(exc).__name__
+            _broadcast_text(ranks, error)
+            raise
+    message = _broadcast_text(ranks, error)
+    if message:
+        raise InputError(f"rank 0 stopped: {message}")
+    return value
+
+
+def _broadcast_text(ranks: Ranks, text: str) -> str:
+    """Rank 0's ``text`` on every rank (UTF-8 bytes in tensors: no pickled objects cross the process group)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return text
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    data = text.encode("utf-8") if ranks.main else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    n = int(size.item())
+    if n == 0:
+        return ""
+    buf = torch.zeros(n, dtype=torch.uint8, device=device)
+    if ranks.main:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buf, src=0)
+    return bytes(buf.cpu().tolist()).decode("utf-8", errors="replace")
 
 
 def shutdown(started: bool) -> None:

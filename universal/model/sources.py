@@ -58,6 +58,7 @@ __all__ = [
     "listing",
     "obtain",
     "parse_hub_spec",
+    "prepare_weights",
     "read_registry",
     "sources",
     "tqdm_progress",
@@ -662,6 +663,37 @@ def obtain(
     if is_hub_spec(name_or_spec):
         return _fetch_hub(parse_hub_spec(name_or_spec))
     return _download(get_source(name_or_spec), None, progress, accept_licence, 60.0)
+
+
+def prepare_weights(
+    weights: Any, *, accept_licence: bool = False, progress: ProgressFn | None = None
+) -> Path | None:
+    """Make ``weights`` loadable without a download: a registry name (other than ``builtin``) or an ``hf-hub:``
+    spec is downloaded and checked now (``accept_licence``: accept and record its licence first); a file, a module
+    or ``builtin`` needs nothing. Returns the local file of a downloaded source, else ``None``. A batch of several
+    ranks calls this on rank 0 before the others load (:func:`universal.distributed.on_main_first`), so that they
+    do not race for the same download.
+
+    Raises:
+        InputError: ``accept_licence`` for weights with no licence to accept (the option would do nothing).
+        DownloadError, CheckpointError: As :func:`obtain`.
+    """
+    if not isinstance(weights, (str, os.PathLike)) or Path(weights).expanduser().is_file():
+        source = None
+    elif is_hub_spec(str(weights)):
+        source = "hub"
+    else:
+        source = sources().get(str(weights).lower())
+    needs = isinstance(source, WeightsSource) and source.requires_acceptance
+    if accept_licence and not needs:
+        what = "a file" if source is None else "a Hub file" if source == "hub" else f"licensed {source.licence}"
+        raise InputError(
+            f"accept_licence (--accept-licence) was given, but the weights {str(weights)!r} are {what}, with no "
+            "licence to accept; leave it out"
+        )
+    if source is None or (isinstance(source, WeightsSource) and source.name == "builtin"):
+        return None
+    return obtain(str(weights), progress=progress, accept_licence=accept_licence)[0]
 
 
 def human_size(size: int | None) -> str:
