@@ -417,6 +417,24 @@ def test_segment_runs_a_predictor_derived_with_the_run_settings():
         dash.segment(Base(), "ct", _settings(classes=("liver tumor",)), None)
 
 
+def test_fast_with_a_3mm_model_is_said_and_the_summary_states_the_grid_it_ran_on(state):
+    """The built-in model works at 3 mm: fast changes nothing, the run's messages say so, and the summary says
+    "standard (3 mm)" (it said "standard (1.5 mm)" whatever the model)."""
+    import universal
+
+    base = universal.Predictor("builtin", device="cpu", patch_size=(32, 32, 32))
+    volume = universal.make_phantom((40, 40, 32), spacing=(4.0, 4.0, 4.0), seed=0).volume
+    run = dash.segment(base, volume, _settings(classes=("liver",), fast=True), "sample:phantom")
+    assert run.notes and "fast changes nothing for builtin" in run.notes[0] and "3 mm" in run.notes[0]
+    state.set_run(run)
+    messages = dash.run_messages(state, run.settings)
+    assert ("info", run.notes[0], {}) in messages
+    summary = next(text for kind, text, _ in messages if kind == "success")
+    assert "standard (3 mm)" in summary and "1.5" not in summary
+    plain = dash.segment(base, volume, _settings(classes=("liver",), fast=False), "sample:phantom")
+    assert plain.notes == [] and "standard (3 mm)" in dash.run_summary(plain)
+
+
 def test_base_predictor_is_shared_by_the_runs_it_derives():
     from universal.predictor import Predictor
 

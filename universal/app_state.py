@@ -82,6 +82,7 @@ class RunRecord:
     settings: RunSettings
     model_seconds: float = 0.0
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the settings did not do (e.g. fast with a 3 mm model)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property

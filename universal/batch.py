@@ -88,14 +88,17 @@ DEFAULT_PREFETCH = 1
 #: the settings a resumed run compares with a complete case's report before skipping it
 RESUME_KEYS = (
     "model",
+    "weights_sha256",
     "classes",
     "fast",
     "threshold",
     "overlap",
     "patch_size",
     "postprocess",
+    "precision",
     "convention",
     "template",
+    "series",
 )
 STATUSES = ("ok", "failed", "skipped")
 _GLOB_CHARS = "*?["
@@ -324,8 +327,41 @@ def _expand(item: str) -> list[_Entry]:
     if p.is_dir():
         files = sorted(str(c) for c in p.iterdir() if c.is_file() and _is_ct_file(c.name, VOLUME_SUFFIXES))
         if files:
+            dicom = _a_dicom_file(p, files)
+            if dicom is not None:  # a series folder with a stray export, or a mix: never drop one in silence
+                raise InputError(
+                    f"{item} holds DICOM files ({os.path.basename(dicom)}) and CT files "
+                    f"({', '.join(os.path.basename(f) for f in files[:3])}{', ...' if len(files) > 3 else ''}): "
+                    "move the CT files out to read the DICOM series, or name them one by one"
+                )
             return [_Entry(f, None, f"folder {item}", True) for f in files]
     return [_Entry(item, None, "argument", False)]
+
+
+def _a_dicom_file(folder: Path, ct_files: Sequence[str], limit: int = 64) -> str | None:
+    """A DICOM file among the other files of ``folder`` (``.dcm``, or no known extension and the ``DICM``
+    preamble; at most ``limit`` files opened), or ``None``."""
+    from universal.exports import is_dicom_input
+
+    skip, opened = set(ct_files), 0
+    for c in sorted(folder.iterdir()):
+        if str(c) in skip or not c.is_file() or c.name.startswith("."):
+            continue
+        if c.suffix.lower() == ".dcm":
+            return str(c)
+        if not c.suffix and opened < limit:
+            opened += 1
+            if is_dicom_input(c):
+                return str(c)
+    return None
+
+
+def _name_key(name: str) -> str:
+    """How file systems may compare names: Unicode-normalised (macOS stores ``é`` one way whichever was typed) and
+    case-folded (macOS and Windows ignore case)."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", name).casefold()
 
 
 def _is_ct_file(name: str, suffixes: Sequence[str]) -> bool:
@@ -345,7 +381,7 @@ def collect_cases(inputs: Sequence[str]) -> tuple[list[Case], bool]:
         raise InputError("no CT given: name CT files, DICOM folders, folders of CTs, patterns or manifests")
     entries = [e for item in inputs for e in _expand(str(item))]
     auto = case_names([e.source for e in entries if e.name is None])
-    taken = {e.name.casefold() for e in entries if e.name is not None}
+    taken = {_name_key(e.name) for e in entries if e.name is not None}
     names, k = [], 0
     for e in entries:
         if e.name is not None:
@@ -354,10 +390,10 @@ def collect_cases(inputs: Sequence[str]) -> tuple[list[Case], bool]:
         base, n = auto[k], 1
         k += 1
         candidate = base
-        while candidate.casefold() in taken:
+        while _name_key(candidate) in taken:
             n += 1
             candidate = f"{base}_{n}"
-        taken.add(candidate.casefold())
+        taken.add(_name_key(candidate))
         names.append(candidate)
     cases = [Case(i, e.source, name, e.origin) for i, (e, name) in enumerate(zip(entries, names))]
     return cases, any(e.batch for e in entries)
@@ -377,19 +413,19 @@ def case_names(inputs: Sequence[str]) -> list[str]:
 
     paths = [Path(os.path.abspath(p)) for p in inputs]
     names = [case_name(p).lstrip(".") or "case" for p in paths]
-    counts = Counter(n.casefold() for n in names)
+    counts = Counter(_name_key(n) for n in names)
     names = [
-        f"{p.parent.name.lstrip('.')}_{n}" if counts[n.casefold()] > 1 and p.parent.name.lstrip(".") else n
+        f"{p.parent.name.lstrip('.')}_{n}" if counts[_name_key(n)] > 1 and p.parent.name.lstrip(".") else n
         for p, n in zip(paths, names)
     ]
     used: set[str] = set()
     result = []
     for n in names:
         candidate, k = n, 1
-        while candidate.casefold() in used:
+        while _name_key(candidate) in used:
             k += 1
             candidate = f"{n}_{k}"
-        used.add(candidate.casefold())
+        used.add(_name_key(candidate))
         result.append(candidate)
     return result
 
@@ -463,10 +499,26 @@ def plan_batch(
         from universal.exports import check_formats
 
         check_formats(settings.formats, [c.source for c in cases])  # DICOM-only formats need DICOM inputs
+    if settings.series is not None:
+        from universal.exports import is_dicom_input
+
+        if not any(is_dicom_input(c.source) for c in cases):
+            raise InputError(
+                f"--series {settings.series} picks a series of a DICOM folder or zip, but no input is one: leave "
+                "it out"
+            )
     summary = Path(settings.summary) if settings.summary is not None else None
     if summary is None and (from_batch or ranks.distributed):
         summary = out / "summary"
     if summary is not None:
+        files = {_name_key(os.path.abspath(p)): p for p in _summary_paths(summary)}
+        for c in cases:
+            clash = files.get(_name_key(os.path.abspath(out / c.name)))
+            if clash is not None:
+                raise InputError(
+                    f"the results of {c.source} would go to {out / c.name}, where the summary {clash} goes: "
+                    "rename the CT or give --summary another path"
+                )
         for path in _summary_paths(summary):
             if path.is_dir():
                 raise InputError(f"the summary {path} is a folder: give --summary a file path")
@@ -492,9 +544,9 @@ def case_complete(
     written = list(outputs.get("formats") or ()) if outputs is not None else ["nifti"]  # older reports: NIfTI
     if formats is not None and written != list(formats):
         return None
-    if not (
-        _listed_files_exist(folder, outputs) if outputs is not None else _nifti_files_exist(folder, report)
-    ):
+    if outputs is not None and not _listed_files_exist(folder, outputs):
+        return None
+    if "nifti" in written and not _nifti_files_exist(folder, report):  # "masks" is listed as a folder
         return None
     for key, value in (expected or {}).items():
         if _plain(report.get(key)) != _plain(value):
@@ -534,15 +586,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def resume_key(predictor: Any) -> dict[str, Any]:
-    """What a complete case's report must say to be skipped for ``predictor`` (:data:`RESUME_KEYS`)."""
+def resume_key(predictor: Any, series: str | None = None) -> dict[str, Any]:
+    """What a complete case's report must say to be skipped for ``predictor`` reading DICOM ``series``
+    (:data:`RESUME_KEYS`: the weights by name and file content, the resolved settings, the series)."""
+    from universal.inference import precision_name
+
     d = predictor.describe()
+    keys = ("model", "weights_sha256", "classes", "fast", "threshold", "overlap", "patch_size", "postprocess")
     return {
-        **{
-            k: d[k] for k in ("model", "classes", "fast", "threshold", "overlap", "patch_size", "postprocess")
-        },
+        **{k: d[k] for k in keys},
+        "precision": precision_name(predictor),
         "convention": predictor.resolved.preprocessing.convention,
         "template": getattr(predictor.model, "template", None),
+        "series": None if series is None else str(series),
     }
 
 
@@ -771,7 +827,7 @@ class BatchRunner:
     def _skip_complete(self, result: BatchResult) -> list[Case]:
         """Record the complete cases as skipped (unless overwrite); returns the cases to run."""
         todo = []
-        expected = None if self.settings.overwrite else resume_key(self.predictor)
+        expected = None if self.settings.overwrite else resume_key(self.predictor, self.settings.series)
         from universal.exports import DEFAULT_FORMATS
 
         formats = self.settings.formats or DEFAULT_FORMATS

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -318,6 +317,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for p in (pred, gt):
         if not p.exists():
             return _fail(f"{p} does not exist")
+    if args.json:
+        evaluation.check_json_path(args.json)  # before scoring: a wrong folder fails at once
     result = evaluation.evaluate(
         pred,
         gt,
@@ -328,8 +329,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     )
     print(result.table())
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False))
-        print(f"wrote {args.json}")
+        print(f"wrote {result.write_json(args.json)}")
     return EXIT_OK
 
 

@@ -385,15 +385,23 @@ def segment(
     wanted, skipped = al.split_supported_classes(base.model, settings.classes)
     if not wanted:
         raise InputError("none of the chosen classes is one this model segments; choose others")
-    predictor = base.with_settings(
-        classes=tuple(wanted), fast=settings.fast, template=settings.template, precision=settings.precision
-    )
+    from universal.errors import InputWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InputWarning)
+        predictor = base.with_settings(
+            classes=tuple(wanted), fast=settings.fast, template=settings.template, precision=settings.precision
+        )
+    notes = [str(w.message) for w in caught if issubclass(w.category, InputWarning)]
+    for w in caught:  # others as they came
+        if not issubclass(w.category, InputWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     from universal.efficiency import EfficiencySampler
 
     with EfficiencySampler(getattr(predictor, "device", None), extra_wall_s=model_seconds) as sampler:  # FLARE
         seg = predictor.predict(volume, progress=progress)
     seg.info["efficiency"] = sampler.result.to_dict()
-    return RunRecord(seg, input_id, settings, model_seconds, skipped)
+    return RunRecord(seg, input_id, settings, model_seconds, skipped, notes)
 
 
 def compare_run(run: RunRecord, base_b: Any, template_b: str | None, progress: Any = None) -> CompareRecord:
@@ -421,7 +429,10 @@ def run_summary(run: RunRecord) -> str:
     """The success line of a run: classes, seconds, device, mode, template."""
     seg = run.seg
     total = float(seg.timings.get("total", float("nan")))
-    mode = "fast (3 mm)" if seg.info.get("fast") else "standard (1.5 mm)"
+    spacing = seg.info.get("target_spacing_mm") or []
+    sides = [f"{float(v):g}" for v in spacing]
+    at = (sides[0] if len(set(sides)) == 1 else " × ".join(sides)) + " mm" if sides else "its spacing"
+    mode = f"{'fast' if seg.info.get('fast') else 'standard'} ({at})"  # the grid it ran on, not a guess
     return (
         f"Segmented {len(seg.masks)} classes in {total:.1f} s (model load {run.model_seconds:.1f} s) — "
         f"{seg.info.get('device', '')}, {mode}, template “{seg.info.get('template')}”."
@@ -457,6 +468,7 @@ def run_messages(state: DashboardState, current: RunSettings) -> list[Message]:
     out: list[Message] = []
     if run.skipped:
         out.append(("warning", TEXT["skipped"].format(names=", ".join(run.skipped)), _WARNING))
+    out += [("info", note, {}) for note in run.notes]
     out.append(("success", run_summary(run), {"icon": ":material/check_circle:"}))
     if run.demo:
         out.append(("warning", TEXT["demo_result"], _SCIENCE))

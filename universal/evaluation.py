@@ -44,8 +44,8 @@ classes absent from it, so it annotates only the classes it contains (``read_ref
 more).
 
 Refused with an :class:`~universal.errors.InputError` that says why and what to do: label values outside the
-convention's ids (e.g. TotalSegmentator ids read as universal or FLARE ids); a dataset convention for a folder of
-masks (its file names name the classes); a label map without a stated convention under a preset (the FLARE preset
+convention's ids (e.g. TotalSegmentator ids read as universal or FLARE ids); a convention other than
+``"universal"`` for masks named by class (a folder, masks by name: their names say the classes); a label map without a stated convention under a preset (the FLARE preset
 once implied FLARE ids, so nothing is assumed); nothing to score (no class both segmented and annotated -- under
 ``flare23``, no FLARE class); masks on another grid than the reference's.
 
@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,7 @@ __all__ = [
     "read_prediction",
     "choose_classes",
     "evaluate",
+    "check_json_path",
 ]
 
 #: Preset names :func:`evaluate` accepts besides ``None`` (generic rules).
@@ -188,11 +190,41 @@ def _check_ids(label: np.ndarray, convention: str, name: str) -> None:
         )
     fits = [c for c in conventions() if c != convention and _max_id(c) >= int(values.max())]
     hint = f"its values fit {', '.join(fits[:4])}" if fits else "no known convention has ids that high"
-    prediction = name.startswith("the prediction")
-    api, option = ("prediction_convention", "--pred-dataset") if prediction else ("convention", "--gt-dataset")
+    api, option = _convention_option("prediction" if name.startswith("the prediction") else "reference")
     raise InputError(
         f"label values {bad[:6]} of {name} are not {convention_label(convention)}: {hint}; say "
         f"which ids the file carries ({api}=..., on the command line {option})"
+    )
+
+
+def _convention_option(what: str) -> tuple[str, str]:
+    """The argument and the command-line option that give the convention of the ``what`` side."""
+    return (
+        ("prediction_convention", "--pred-dataset")
+        if what == "prediction"
+        else ("convention", "--gt-dataset")
+    )
+
+
+def _refuse_convention_for_masks(source: Any, convention: str, what: str) -> None:
+    """The one rule for masks named by class (a folder, masks by name, a Segmentation): their names say the
+    classes, and a convention gives the ids of a label map, so any but the default (``"universal"``: universal
+    class names) would change nothing.
+
+    Raises:
+        InputError: for a convention other than ``"universal"`` given with masks named by class.
+    """
+    if convention == UNIVERSAL or _is_label_map(source):
+        return
+    api, option = _convention_option(what)
+    if _is_path(source):
+        side = "PRED" if what == "prediction" else "GT"
+        raise InputError(
+            f"{option} {convention} gives the ids of a label map, but {side} {source} is a folder of masks named "
+            f"by class (their file names say the classes): leave {option} out ({api}= in Python)"
+        )
+    raise InputError(
+        f"{api}={convention!r} gives the ids of a label map, but the {what} masks are named by class: leave it out"
     )
 
 
@@ -292,11 +324,7 @@ def _read_mask_folder(
 ) -> tuple[dict[str, np.ndarray], Any]:
     from universal.io import label_grid, load_label
 
-    if convention not in (UNIVERSAL, FLARE23):
-        raise InputError(
-            f"{path} is a folder of masks named by class, but convention {convention!r} gives the meaning of "
-            "label ids: pass a label map file with that convention, or the folder without one"
-        )
+    _refuse_convention_for_masks(path, convention, what)
     files = _mask_files(path)
     grid = like if like is not None else label_grid(files[0])
     role = f"{what} mask" if like is not None else None  # a grid given from outside: say how each was placed
@@ -304,7 +332,7 @@ def _read_mask_folder(
 
 
 def _from_mapping(masks: Mapping[str, Any], what: str) -> dict[str, np.ndarray]:
-    out = {_class_key(n): np.asarray(m) != 0 for n, m in masks.items()}
+    out = {_class_key(n): metrics._as_bool(m, f"the {what} mask {n!r}") for n, m in masks.items()}
     shapes = {m.shape for m in out.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 3:
         raise InputError(f"the {what} masks must be on one 3-D grid, got shapes {sorted(shapes)}")
@@ -365,6 +393,7 @@ def _read(source: Any, convention: str | None, like: Any, spacing: Any, what: st
     """(masks, classes the source lists, convention, grid, name, is a label map) of any source."""
     conv = resolve_convention(convention)
     if isinstance(source, Mapping):
+        _refuse_convention_for_masks(source, conv, what)
         masks = _from_mapping(source, what)
         grid = _grid_of(next(iter(masks.values())).shape, like, spacing, what)
         return masks, tuple(masks), _names_convention(masks), grid, f"{what} masks", False
@@ -414,11 +443,14 @@ def read_prediction(
     if isinstance(source, Prediction):
         return source
     if isinstance(source, Mapping) or hasattr(source, "masks"):
+        _refuse_convention_for_masks(source, resolve_convention(convention), "prediction")
         masks = _from_mapping(source if isinstance(source, Mapping) else source.masks, "prediction")
         name = getattr(getattr(source, "volume", None), "name", "prediction")
         return Prediction(masks, tuple(masks), _names_convention(masks), name)
     masks, listed, conv, _, name, is_map = _read(source, convention, like, spacing, "prediction")
-    segmented = tuple(n for n in listed if masks[n].any()) if is_map else listed
+    # a universal-id map says only what it holds; a FLARE or dataset map speaks for all its classes, as the
+    # reference side does (an absent class is empty: a missed organ scores 0, never drops out of the mean)
+    segmented = tuple(n for n in listed if masks[n].any()) if is_map and conv == UNIVERSAL else listed
     return Prediction(masks, segmented, conv, name)
 
 
@@ -551,6 +583,18 @@ class EvaluationResult(metrics.CaseResult):
     def table(self, digits: int = 4) -> str:
         return f"{super().table(digits)}\n\n{self.summary()}"
 
+    def write_json(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_dict` as JSON to ``path`` whole or not at all (a temporary file, then a rename).
+
+        Raises:
+            InputError: when ``path`` cannot be written (see :func:`check_json_path`).
+        """
+        import json
+
+        from universal.io import atomic_write_text
+
+        return atomic_write_text(check_json_path(path), json.dumps(self.to_dict(), indent=2, allow_nan=False))
+
     def to_dict(self) -> dict[str, Any]:
         """:meth:`CaseResult.to_dict` plus ``scored``, ``skipped`` ({class: reason}), ``convention``, ``reference``."""
         out = super().to_dict()
@@ -561,6 +605,26 @@ class EvaluationResult(metrics.CaseResult):
             reference=self.reference,
         )
         return out
+
+
+def check_json_path(path: str | os.PathLike) -> Path:
+    """``path`` as a :class:`~pathlib.Path` when a JSON file can be written there: checked before scoring, so a
+    typo fails at once rather than after the table.
+
+    Raises:
+        InputError: when ``path`` is a folder, or its folder does not exist or is not writable.
+    """
+    out = Path(path).expanduser()
+    folder = out.parent
+    if out.is_dir():
+        raise InputError(f"the JSON output {out} is a folder: give a file name, e.g. {out / 'scores.json'}")
+    if not folder.is_dir():
+        raise InputError(
+            f"the folder of the JSON output {out} does not exist: create {folder} or choose another"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write the JSON output into {folder}: choose a writable folder")
+    return out
 
 
 def _convention_for(source: Any, convention: str | None, rules: metrics.Preset | None, what: str) -> str:
@@ -599,7 +663,45 @@ def _comparable(pred: Prediction, ref: Reference, rules: metrics.Preset | None) 
     return pred_masks, ref_masks
 
 
-def _nothing_to_score(pred: Prediction, ref: Reference, rules: metrics.Preset | None) -> str:
+def _nothing_requested(
+    pred: Prediction, ref: Reference, skipped: Mapping[str, str], requested: list[str], both: list[str]
+) -> str:
+    """Why none of the classes asked for can be scored: the side that lacks each (not segmented / annotated);
+    ``both``: the classes that could be scored."""
+    seg, ann = ", ".join(pred.segmented) or "nothing", ", ".join(ref.annotated) or "nothing"
+    where = {
+        NOT_SEGMENTED: f" in PRED {pred.name} (it has {seg})",
+        NOT_ANNOTATED: f" by GT {ref.describe()} (it annotates {ann})",
+    }
+    by_reason: dict[str, list[str]] = {}
+    for n in requested:
+        by_reason.setdefault(skipped.get(n, NOT_SEGMENTED), []).append(n)
+    asked = f"the classes asked for (--classes {' '.join(shlex.quote(n) for n in requested)})"
+    if len(by_reason) == 1:
+        why = next(iter(by_reason))
+        problem = f"{asked} are {why}{where.get(why, '')}"
+    else:
+        lacks = [f"{', '.join(names)} {why}{where.get(why, '')}" for why, names in by_reason.items()]
+        problem = f"{asked} cannot be scored: {'; '.join(lacks)}"
+    if not both:
+        return f"nothing to score: {problem}; no class is both segmented and annotated either: segment one GT annotates"
+    return (
+        f"nothing to score: {problem}; ask for classes both have ({', '.join(both)}), or leave --classes out "
+        "(classes= in Python)"
+    )
+
+
+def _nothing_to_score(
+    pred: Prediction,
+    ref: Reference,
+    rules: metrics.Preset | None,
+    skipped: Mapping[str, str] | None = None,
+    requested: list[str] | None = None,
+) -> str:
+    """The one-line message when no class can be scored: the classes asked for and the side that lacks each,
+    else what was segmented and what the reference annotates."""
+    if requested:
+        return _nothing_requested(pred, ref, skipped or {}, requested, _choose(pred, ref, None, rules)[1])
     seg, ann = ", ".join(pred.segmented) or "nothing", ", ".join(ref.annotated) or "nothing"
     under = f" under the {rules.name} preset (FLARE 2023 classes)" if rules is not None else ""
     return (
@@ -618,6 +720,11 @@ def _read_pair(
 ) -> tuple[Prediction, Reference]:
     """The reference (onto a Segmentation's grid when the prediction is one), then the prediction onto its grid."""
     if isinstance(reference, Reference):
+        if convention is not None:
+            raise InputError(
+                f"convention={convention!r} gives the ids of a reference to read, but the reference was read "
+                "already (a Reference): leave it out, or pass the label map and its convention"
+            )
         ref = reference
     else:
         like = getattr(prediction, "volume", None) if hasattr(prediction, "masks") else None
@@ -627,6 +734,13 @@ def _read_pair(
     off_grid = sorted({np.shape(m) for m in pred.masks.values()} - {ref.shape})
     if off_grid:
         raise InputError(f"the prediction's masks {off_grid} are not on the reference's grid {ref.shape}")
+    vol = getattr(prediction, "volume", None) if hasattr(prediction, "masks") else None
+    grid = getattr(ref.grid, "affine", None)
+    if vol is not None and grid is not None and not np.allclose(vol.affine, grid, atol=1e-3):
+        raise InputError(
+            f"the reference {ref.name} lies on another grid than the segmented CT (same shape, other position or "
+            "orientation): read it with read_reference(..., like=segmentation.volume), or pass its file"
+        )
     return pred, ref
 
 
@@ -658,7 +772,9 @@ def evaluate(
     pred, ref = _read_pair(prediction, reference, convention, prediction_convention, rules)
     candidates, scored, skipped = _choose(pred, ref, classes, rules)
     if not scored:
-        raise InputError(_nothing_to_score(pred, ref, rules))
+        raise InputError(
+            _nothing_to_score(pred, ref, rules, skipped, candidates if classes is not None else None)
+        )
     shown = [
         n for n, why in skipped.items() if why == NOT_ANNOTATED and (rules is None or n in rules.classes)
     ]

@@ -261,6 +261,9 @@ def dicom_references(volume: Any) -> DicomReferences:
             "or seg.nrrd, or export the series as single-frame slices."
         )
     headers = [copy.deepcopy(h) for h in src.headers]
+    for h in headers:  # an empty SpecificCharacterSet means the default repertoire; highdicom refuses ''
+        if "SpecificCharacterSet" in h and not h.SpecificCharacterSet:
+            del h.SpecificCharacterSet
     uids, notes = _complete_uids(headers)
     slices, kept = _slice_indices(headers, _source_affine(volume), volume.name)
     missing = sorted(set(range(src.original_shape[2])) - set(slices))

@@ -342,12 +342,14 @@ class PreparedCase:
         prepared: The prepared grid (``universal.preprocess.prepare``), with the way back.
         timings: Seconds of ``load`` and ``preprocess``.
         seconds: Wall seconds of the whole first half.
+        series: The DICOM series asked for (``series=``; reported, so that a batch resumes only onto it).
     """
 
     volume: Any
     prepared: Any
     timings: dict[str, float]
     seconds: float
+    series: str | None = None
 
 
 def prepare_case(
@@ -364,7 +366,8 @@ def prepare_case(
     max_voxels = getattr(predictor.settings, "max_voxels", None) or pp.MAX_PREPARED_VOXELS
     with clock("preprocess"):
         prepared = pp.prepare(volume, r.preprocessing, max_voxels=max_voxels)  # by the grid convention
-    return PreparedCase(volume, prepared, timings, time.perf_counter() - t_start)
+    series = None if series is None else str(series)
+    return PreparedCase(volume, prepared, timings, time.perf_counter() - t_start, series)
 
 
 def finish_case(predictor, case: PreparedCase, progress: ProgressFn | None = None) -> Segmentation:
@@ -436,7 +439,7 @@ def complete_case(predictor, inferred: InferredCase, progress: ProgressFn | None
         volumes_ml=volumes_ml,
         mean_hu=mean_hu,
         timings=timings,
-        info={**_info(predictor, prepared), "warnings": list(volume.notes or ())},
+        info={**_info(predictor, prepared, inferred.case.series), "warnings": list(volume.notes or ())},
     )
 
 
@@ -914,17 +917,27 @@ def _progress_reporter(progress: ProgressFn | None) -> Callable[[str, float], No
     return report
 
 
-def _info(predictor, prepared) -> dict[str, Any]:
-    """What a report says about the run: the model, its contract's provenance, the settings used, versions."""
+def precision_name(predictor) -> str:
+    """The arithmetic ``predictor`` runs its forward passes in, as reports state it (``float32``, ``bfloat16``,
+    ``float16``): its precision setting resolved for its device."""
+    ac = autocast_dtype_for(predictor.device, predictor.resolved.precision)
+    return "float32" if ac is None else str(ac).replace("torch.", "")
+
+
+def _info(predictor, prepared, series: str | None = None) -> dict[str, Any]:
+    """What a report says about the run: the model (and its file's sha256), its contract's provenance, the
+    settings used (``series``: the DICOM series asked for), versions."""
     import torch
 
     import universal
+    from universal.predictor import postprocess_record, weights_sha256
 
     r, net = predictor.resolved, predictor.model
     spec = predictor.spec
-    ac = autocast_dtype_for(predictor.device, r.precision)
     return {
         "model": predictor.model_label,
+        "weights_sha256": weights_sha256(getattr(predictor, "_base", net)),
+        "series": series,
         "backbone": getattr(net, "backbone_name", None),
         "encoder": getattr(net, "encoder_name", None),
         "template": getattr(net, "template", None),
@@ -948,8 +961,8 @@ def _info(predictor, prepared) -> dict[str, Any]:
         "overlap": float(r.overlap),
         "sw_batch_size": int(r.sw_batch_size),
         "threshold": float(r.threshold),
-        "postprocess": r.postprocess is not None,
-        "precision": "float32" if ac is None else str(ac).replace("torch.", ""),
+        "postprocess": postprocess_record(r.postprocess),
+        "precision": precision_name(predictor),
         "provenance": dataclasses.asdict(spec.provenance) if spec is not None else None,
         "versions": {
             "universal": universal.__version__,

@@ -88,7 +88,14 @@ def _as_bool(mask: Any, what: str) -> np.ndarray:
     arr = np.asarray(mask)
     if arr.ndim != 3:
         raise InputError(f"{what} must be a 3-D (X, Y, Z) mask, got shape {arr.shape}")
-    return arr if arr.dtype == bool else arr != 0
+    if arr.dtype == bool:
+        return arr
+    if arr.dtype.kind == "f" and not ((arr == 0) | (arr == 1)).all():
+        raise InputError(
+            f"{what} holds values other than 0 and 1 (a probability map?), not a mask: threshold it first "
+            "(e.g. prob >= 0.5)"
+        )
+    return arr != 0
 
 
 def _pair(pred: Any, gt: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -631,9 +638,9 @@ def aggregate(results: Sequence[CaseResult]) -> CaseResult:
         else:
             scores[n] = ClassScore(n, float("nan"), float("nan"), STATUS_NOT_ANNOTATED, tols[0], 0)
     first = results[0]
-    return CaseResult(
-        scores=scores, preset=first.preset, organ_classes=first.organ_classes, n_cases=len(results)
-    )
+    organs = {c for r in results for c in r.organ_classes}  # every case's organs, whichever case comes first
+    organ_classes = tuple(n for n in names if n in organs)
+    return CaseResult(scores=scores, preset=first.preset, organ_classes=organ_classes, n_cases=len(results))
 
 
 # ------------------------------------------------------------------------------------------------ label maps

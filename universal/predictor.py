@@ -65,13 +65,14 @@ class PredictorSettings:
         precision: Arithmetic of the forward passes (:data:`universal.spec.PRECISIONS`).
         overlap: Overlap of neighbouring windows, in [0, 1).
         threshold: Probability threshold of the masks, in (0, 1).
-        fast: Work at the spec's fast spacing (3 mm) instead of the model's own.
+        fast: Work at the spec's fast spacing (3 mm) instead of the model's own (a model that already works there:
+            an ``InputWarning``, and the run is reported as the standard one).
         postprocess: ``True`` (default rules), ``False`` (raw thresholded masks) or a ``PostprocessConfig``.
         classes: Class names (any spelling ``resolve_class`` accepts); ``None`` = all of the model's classes.
         template: Prompt template (key or text with ``{}``); ``None`` = the model's own.
         sw_batch_size: Windows per forward pass (default 4 on CUDA, 1 elsewhere).
         patch_size: Window size in voxels, overriding the spec's training window (e.g. small windows in tests).
-        preprocessing: A ``PreprocessConfig`` replacing the spec's preprocessing (``fast`` is then ignored).
+        preprocessing: A ``PreprocessConfig`` replacing the spec's preprocessing (not with ``fast``: refused).
         convention: Grid convention (:data:`universal.preprocess.CONVENTIONS`) replacing the preprocessing's:
             ``"official"`` runs the official release's MONAI chain (the default of its checkpoints),
             ``"universal"`` the project's own.
@@ -114,6 +115,11 @@ class PredictorSettings:
             )
         if self.postprocess is None:
             object.__setattr__(self, "postprocess", False)
+        if self.fast and self.preprocessing is not None:
+            raise InputError(
+                "fast and preprocessing both set the grid: give the fast spacing in the PreprocessConfig "
+                "(spacing_mm) and leave fast out"
+            )
         if self.convention is not None and self.convention not in CONVENTIONS:
             raise InputError(f"convention is {self.convention!r}; it must be one of {', '.join(CONVENTIONS)}")
         self._check_lists()
@@ -272,10 +278,24 @@ class Predictor:
         s, net = self.settings, self.model
         inference = getattr(net, "inference_defaults", None) or InferenceDefaults()
         spec = self.spec
+        fast = bool(s.fast)
         if s.preprocessing is not None:
             prep = s.preprocessing
         else:
-            prep = (spec or _bare_spec(net)).prepare_config(s.fast)
+            prep = (spec or _bare_spec(net)).prepare_config(fast)
+            if fast and prep == (spec or _bare_spec(net)).prepare_config(False):
+                import warnings
+
+                from universal.errors import InputWarning
+
+                warnings.warn(
+                    InputWarning(
+                        f"fast changes nothing for {self.model_label}: it already works at the fast spacing "
+                        f"({_spacing_text(prep)}); the run is the standard one and is reported so"
+                    ),
+                    stacklevel=3,
+                )
+                fast = False
         if s.convention is not None and s.convention != prep.convention:
             prep = dataclasses.replace(prep, convention=s.convention)
         patch = s.patch_size or inference.patch_size
@@ -294,7 +314,7 @@ class Predictor:
             threshold=inference.threshold if s.threshold is None else s.threshold,
             precision=precision,
             sw_batch_size=s.sw_batch_size or (4 if self.device.type == "cuda" else 1),
-            fast=bool(s.fast),
+            fast=fast,
             postprocess=_postprocess_config(s.postprocess),
             return_probabilities=bool(s.return_probabilities),
         )
@@ -370,8 +390,9 @@ class Predictor:
             "precision": r.precision,
             "sw_batch_size": r.sw_batch_size,
             "fast": r.fast,
-            "postprocess": r.postprocess is not None,
+            "postprocess": postprocess_record(r.postprocess),
             "preprocessing": dataclasses.asdict(r.preprocessing),
+            "weights_sha256": weights_sha256(self._base),
         }
 
     def __repr__(self) -> str:
@@ -400,12 +421,44 @@ def _load_base(weights: Any) -> tuple[Any, str]:
     if _is_module(weights):
         return weights, type(weights).__name__
     name = "builtin" if weights is None else str(weights)
-    key = (name, "cpu", None)
+    key = (name, "cpu", None, _file_identity(name))  # a checkpoint replaced on disk is read again
     if key not in _MODEL_CACHE:
         from universal.model import load_pretrained
 
         _MODEL_CACHE[key] = load_pretrained(name).eval()
     return _MODEL_CACHE[key], name
+
+
+def _spacing_text(prep: PreprocessConfig) -> str:
+    sides = [f"{float(v):g}" for v in prep.target_spacing()]
+    return (sides[0] if len(set(sides)) == 1 else " × ".join(sides)) + " mm"
+
+
+def _file_identity(name: str) -> tuple | None:
+    """``(real path, size, modification time)`` of a checkpoint path; ``None`` for names (registry, Hub)."""
+    try:
+        path = os.path.realpath(os.path.expanduser(name))
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (path, st.st_size, st.st_mtime_ns) if os.path.isfile(path) else None
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def weights_sha256(model: Any) -> str | None:
+    """The sha256 of the checkpoint file ``model`` was read from (``weights_file``; once per file version and
+    process), ``None`` for a model built in memory."""
+    file = getattr(model, "weights_file", None)
+    ident = _file_identity(file) if file else None
+    if ident is None:
+        return None
+    if ident not in _SHA_CACHE:
+        from universal.model.sources import sha256_of
+
+        _SHA_CACHE[ident] = sha256_of(file)
+    return _SHA_CACHE[ident]
 
 
 def _placed(base: Any, template: str | None, device: Any, cached: bool) -> Any:
@@ -483,4 +536,11 @@ def _resolve_classes(classes: Sequence[str] | None, net: Any) -> list[str]:
 def _postprocess_config(postprocess: Any) -> PostprocessConfig | None:
     if postprocess is False or postprocess is None:
         return None
-    return PostprocessConfig() if postprocess is True else postprocess
+    config = PostprocessConfig() if postprocess is True else postprocess
+    return config if config.enabled else None  # PostprocessConfig(enabled=False): none, and reported so
+
+
+def postprocess_record(config: PostprocessConfig | None) -> Any:
+    """How reports state the post-processing: ``False``, or the rules as plain values (so that a run with other
+    rules is told apart, e.g. when a batch resumes)."""
+    return False if config is None else dataclasses.asdict(config)

@@ -486,6 +486,13 @@ def download_weights(
         close()
 
 
+def _with_file(model: UniversalModel, file: Path) -> UniversalModel:
+    """``model`` with ``weights_file``: the checkpoint it was read from (reports identify the weights by its
+    sha256)."""
+    model.weights_file = str(Path(file).resolve())  # type: ignore[attr-defined]
+    return model
+
+
 def _from_object(obj: Any, source: str) -> UniversalModel:
     """A model from a loaded checkpoint object of either format (detected)."""
     if _is_universal(obj):
@@ -520,10 +527,10 @@ def load_pretrained(
 
     if sources.is_hub_spec(name_or_path):
         file = sources.fetch_hub(str(name_or_path))
-        return _from_object(_read(file, map_location), file.name)
+        return _with_file(_from_object(_read(file, map_location), file.name), file)
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        return _from_object(_read(path, map_location), path.name)
+        return _with_file(_from_object(_read(path, map_location), path.name), path)
     key = str(name_or_path).lower()
     if (path.suffix or os.sep in str(name_or_path)) and key not in sources.sources():
         raise CheckpointError(f"No checkpoint file at {str(name_or_path)!r}; check the path.")
@@ -535,6 +542,6 @@ def load_pretrained(
                 "with `universal train` and pass its checkpoint path, or use 'universal-unet' / "
                 "'universal-swinunetr' (official weights, research only)."
             )
-        return _from_object(_read(builtin, map_location), builtin.name)
+        return _with_file(_from_object(_read(builtin, map_location), builtin.name), builtin)
     file = download_weights(key, progress=progress, accept_licence=accept_licence)
-    return _from_object(_read(file, map_location), file.name)
+    return _with_file(_from_object(_read(file, map_location), file.name), file)
