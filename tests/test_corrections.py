@@ -76,3 +76,12 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, phantom):
     with pytest.raises(InputError, match="not a dataset manifest"):
         corrections.save_case(tmp_path, phantom.volume, phantom.masks, ["liver"])
     assert not (tmp_path / "cases").exists()
+
+
+def test_names_that_reduce_to_the_same_safe_name_never_replace_each_other(tmp_path, phantom):
+    corrections.save_case(tmp_path, phantom.volume, phantom.masks, ["liver"], name="patient 1")
+    with pytest.raises(InputError, match="another name"):
+        corrections.save_case(tmp_path, phantom.volume, phantom.masks, ["spleen"], name="patient/1")
+    corrections.save_case(tmp_path, phantom.volume, phantom.masks, ["aorta"], name="patient 1")  # same: replaced
+    (case,) = corrections.list_cases(tmp_path)
+    assert (case.name, case.given_name, case.annotated) == ("patient_1", "patient 1", ("aorta",))

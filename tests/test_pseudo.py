@@ -210,3 +210,45 @@ def test_empty_predictions_stay_unannotated_by_default(manifest, model, tmp_path
         assert set(n.annotated_classes()) == {c for c in o.annotated_classes() if c in CLASSES}
     flags = [f for c in report["cases"] for f in c["flags"]]
     assert any("predicted nowhere" in f for f in flags) and not any("p=nan" in f for f in flags)
+
+
+def test_ground_truth_outside_the_teacher_classes_is_kept_voxel_for_voxel(manifest, tmp_path):
+    """A teacher of liver and spleen only: the organs cases keep both kidneys' ground truth (and the report row)."""
+    from universal.model import create_model
+
+    torch.manual_seed(0)
+    small = create_model(
+        "segresnet", classes=["liver", "spleen"], encoder="onehot", embed_dim=2,
+        embeddings=np.eye(2, dtype=np.float32), preprocessing=PreprocessConfig(spacing_mm=3.0),
+        init_filters=16, blocks_down=[1, 1, 1], blocks_up=[1, 1],
+    ).eval()  # fmt: skip
+    new_path, report = pseudo_label(manifest, Predictor(small, patch_size=32), tmp_path / "ps",
+                                    PseudoLabelConfig(min_confidence=0.0))  # fmt: skip
+    old, new = load_manifest(manifest), load_manifest(new_path)
+    kidneys = ["right kidney", "left kidney"]
+    organs = [(o, n) for o, n in zip(old.cases, new.cases) if "right kidney" in o.ground_truth_classes()]
+    assert organs
+    for o, n in organs:
+        assert set(o.annotated_classes()) <= set(n.annotated_classes())
+        assert set(kidneys) <= set(n.ground_truth_classes())
+        before, after = _targets(o, kidneys), _targets(n, kidneys)
+        assert before.any() and np.array_equal(before, after)
+    rows = {c["case"]: c["classes"] for c in report["cases"]}
+    assert rows[organs[0][0].name]["left kidney"]["source"] == "ground truth"
+
+
+def test_a_rerun_replaces_the_earlier_output_whole_and_other_folders_are_refused(manifest, model, tmp_path):
+    out = tmp_path / "ps"
+    teacher = Predictor(model, patch_size=32)
+    pseudo_label(manifest, teacher, out, PseudoLabelConfig(min_confidence=0.0))
+    (out / "labels" / "stale.nii.gz").write_bytes(b"from an older run")
+    pseudo_label(manifest, teacher, out, PseudoLabelConfig(min_confidence=0.0))
+    assert not (out / "labels" / "stale.nii.gz").exists()  # replaced as a whole, not file by file
+    assert [p.name for p in tmp_path.iterdir()] == ["ps"]  # no temporary sibling left
+    assert validate_manifest(load_manifest(out / "manifest.json"), read_labels=True) == []
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not an earlier pseudo-label output"):
+        pseudo_label(manifest, teacher, out, PseudoLabelConfig(min_confidence=0.0))
+    assert (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(InputError, match="lie in the output folder"):  # a round's output into its own folder
+        pseudo_label(out / "manifest.json", teacher, out.parent, PseudoLabelConfig(min_confidence=0.0))

@@ -228,7 +228,7 @@ def read_manifest(path: str | os.PathLike) -> list[tuple[str, str | None, str]]:
             problems.append(f"{where}: {image} repeats {seen_images[os.path.realpath(full)]}")
         seen_images.setdefault(os.path.realpath(full), where)
         if name is not None:
-            bad = _bad_name(name)
+            bad = bad_case_name(name)
             if bad:
                 problems.append(f"{where}: name {name!r} {bad}")
             elif name.casefold() in seen_names:
@@ -294,8 +294,10 @@ def _json_rows(path: Path) -> list[tuple[str, str, str | None]]:
     return rows
 
 
-def _bad_name(name: str) -> str | None:
-    """Why ``name`` cannot be a case folder's name (``None`` when it can)."""
+def bad_case_name(name: str) -> str | None:
+    """Why ``name`` cannot be a case's folder or file name (``None`` when it can): empty, a path separator, a
+    leading dot, too long. Used for batch manifests and training manifests alike, so that no name leaves its
+    folder."""
     if not name or name in (".", ".."):
         return "is empty"
     if any(sep in name for sep in ("/", "\\", "\0")) or os.path.isabs(name):

@@ -590,7 +590,7 @@ def _add_train_parser(sub: Any, fmt: Any) -> None:
         "  torchrun --nproc_per_node 2 -m universal.cli train configs/builtin.yaml",
     )
     t.add_argument("config", help="YAML/TOML training config (every key: docs/CONFIG.md; examples: configs/)")
-    t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (overrides train.device)")
+    t.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (overrides train.device)")
     t.add_argument("--steps", type=int, default=None, help="override train.steps")
     t.add_argument("--out", default=None, metavar="DIR", help="override train.out_dir")
     t.add_argument("--resume", default=None, metavar="CKPT", help="resume from this training checkpoint")
@@ -664,7 +664,7 @@ def _add_finetune_parser(sub: Any, fmt: Any) -> None:
     f.add_argument("--anchor", action="store_true",
                    help="anchor the classes not corrected on the starting model's own predictions")  # fmt: skip
     f.add_argument("--time-budget", type=float, metavar="S", help="stop training after S seconds")
-    f.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    f.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: cuda when available)")
     f.set_defaults(func=_cmd_finetune)
 
 

@@ -12,8 +12,11 @@ case (:mod:`universal.finetune`) learns the corrections and nothing else. Severa
       cases/<name>/labels.nii.gz         # universal ids of the corrected classes (tumours over organs)
 
 A case folder is written whole (:func:`universal.io.atomic_folder`) before the manifest, which is rewritten
-atomically; saving a case under an existing name replaces it. Case names are reduced to ``[A-Za-z0-9._-]``, so no
-name leaves the folder.
+atomically; saving a case under an existing name replaces it. Case names are reduced to ``[A-Za-z0-9._-]`` (the
+folder's and the manifest's ``name``), so no name leaves the folder; the name as given is stored too
+(``given_name``). Two different given names that reduce to the same safe name (``"patient 1"``, ``"patient/1"``)
+never replace each other: the second save is refused with an :class:`~universal.errors.InputError` that asks for
+another name (an entry of an older version, without ``given_name``, is replaced as before).
 
 >>> import tempfile
 >>> from universal.phantom import make_phantom
@@ -60,6 +63,7 @@ class CorrectedCase:
     source: str = ""
     saved: str = ""
     voxels: Mapping[str, int] | None = None
+    given_name: str = ""  #: the name as passed to :func:`save_case` (``name`` is its safe form)
 
 
 def _case_name(name: str) -> str:
@@ -131,12 +135,14 @@ def save_case(
         masks: Class name → bool mask on ``volume``'s grid (e.g. the corrected segmentation's masks).
         corrected: The classes to annotate: the corrected ones. Only they are in the label file and the
             manifest's ``annotated`` list of the case; the others stay unannotated (masked in training).
-        name: Case name (default: the volume's name); an existing case of that name is replaced.
+        name: Case name (default: the volume's name); an existing case of that name is replaced. Stored as given
+            (``given_name``) and reduced to a safe folder name (``name``).
         source: Free text stored with the case (e.g. the model that made the masks).
 
     Raises:
         InputError: no corrected class, a class not in ``masks``, masks not on the CT's grid, a folder whose
-            manifest is not one.
+            manifest is not one, a ``name`` whose safe form is already taken by a case saved under another name
+            (nothing is written).
     """
     from universal.io import atomic_folder, atomic_write_text, save_label_map, save_volume
 
@@ -147,28 +153,45 @@ def save_case(
     if missing:
         raise InputError(f"no mask of {missing} to save; segment these classes first")
     label = _corrected_label_map(masks, names, tuple(volume.shape))
-    case = _case_name(name or getattr(volume, "name", "") or "case")
+    given = str(name or getattr(volume, "name", "") or "case")
+    case = _case_name(given)
     root = Path(dataset)
     manifest_path = root / MANIFEST
     with _LOCK:
         data = _read_manifest(manifest_path)  # refuse a foreign file before writing anything
+        _check_name_free(data, case, given)
         with atomic_folder(root / "cases" / case) as tmp:
             save_volume(volume, tmp / "ct.nii.gz")
             save_label_map(label, volume, tmp / "labels.nii.gz")
-        entry = _entry(case, names, source, {n: int(np.count_nonzero(masks[n])) for n in names})
+        entry = _entry(case, given, names, source, {n: int(np.count_nonzero(masks[n])) for n in names})
         data.setdefault("version", 1)
         data.setdefault("datasets", {})[DATASET_KEY] = _dataset_spec()
         data["cases"] = [c for c in data["cases"] if not (isinstance(c, dict) and c.get("name") == case)]
         data["cases"].append(entry)
         atomic_write_text(manifest_path, json.dumps(data, indent=2) + "\n")
     image, label_path = root / entry["image"], root / entry["label"]
-    return CorrectedCase(case, tuple(names), image, label_path, source, entry["saved"], entry["voxels"])
+    return CorrectedCase(
+        case, tuple(names), image, label_path, source, entry["saved"], entry["voxels"], given
+    )
 
 
-def _entry(case: str, names: list[str], source: str, voxels: dict[str, int]) -> dict[str, Any]:
+def _check_name_free(data: Mapping[str, Any], case: str, given: str) -> None:
+    """Refuse ``given`` when its safe name ``case`` belongs to a case saved under another given name."""
+    for c in data.get("cases", []):
+        if not isinstance(c, dict) or c.get("name") != case or "given_name" not in c:
+            continue
+        if str(c["given_name"]) != given:
+            raise InputError(
+                f"case name {given!r} is stored as {case!r}, which already holds the case {c['given_name']!r}; "
+                "save it under another name (or save under that name to replace it)"
+            )
+
+
+def _entry(case: str, given: str, names: list[str], source: str, voxels: dict[str, int]) -> dict[str, Any]:
     """The manifest entry of a saved case: its files, the annotated (corrected) classes, where and when."""
     return {
         "name": case,
+        "given_name": given,
         "image": f"cases/{case}/ct.nii.gz",
         "label": f"cases/{case}/labels.nii.gz",
         "dataset": DATASET_KEY,
@@ -197,5 +220,8 @@ def list_cases(dataset: str | os.PathLike) -> list[CorrectedCase]:
             continue
         voxels = c.meta.get("voxels") if isinstance(c.meta.get("voxels"), dict) else None
         source, saved = str(c.meta.get("source", "")), str(c.meta.get("saved", ""))
-        out.append(CorrectedCase(c.name, c.annotated_classes(), c.image, c.label, source, saved, voxels))
+        given = str(c.meta.get("given_name", c.name))
+        out.append(
+            CorrectedCase(c.name, c.annotated_classes(), c.image, c.label, source, saved, voxels, given)
+        )
     return out

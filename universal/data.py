@@ -526,6 +526,10 @@ def _case_from_entry(
     image = _resolve_path(root, entry["image"])
     label = _resolve_path(root, entry["label"]) if entry.get("label") else None
     name = str(entry.get("name") or _case_name(entry["image"]))
+    from universal.batch import bad_case_name
+
+    if (why := bad_case_name(name)) is not None:  # names become file names (pseudo-labels, corrections)
+        problems.append(f"case {name!r}: the name {why}")
     ds = str(entry.get("dataset") or "")
     if entry.get("label_map") is not None:
         ds = ds or name
@@ -805,6 +809,12 @@ class AugmentConfig:
         intensity_prob: Probability of a random intensity scale and shift.
         intensity_scale: ``x * (1 + u)``, ``u ~ U(-s, s)`` (like MONAI RandScaleIntensity).
         intensity_shift: ``x + v``, ``v ~ U(-t, t)`` on the [0, 1] scale (like MONAI RandShiftIntensity).
+
+    The defaults (``{}`` in a training config) flip nothing and scale/shift the intensity of half the patches.
+
+    Raises:
+        InputError: a value that is not a real number (``True`` is not one), a probability outside [0, 1]
+            (``50`` for 50 % is refused: write ``0.5``) or a negative scale/shift; every bad key is named.
     """
 
     flip_lr: float = 0.0
@@ -814,15 +824,35 @@ class AugmentConfig:
     intensity_scale: float = 0.1
     intensity_shift: float = 0.1
 
+    def __post_init__(self) -> None:
+        problems = []
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            probability = name not in ("intensity_scale", "intensity_shift")
+            number = isinstance(value, (int, float, np.integer, np.floating))
+            real = number and not isinstance(value, (bool, np.bool_))
+            if real and np.isfinite(value) and 0 <= value and (value <= 1 or not probability):
+                object.__setattr__(self, name, float(value))
+            else:
+                allowed = "a probability in [0, 1] (write 50 % as 0.5)" if probability else "a number >= 0"
+                problems.append(f"{name} is {value!r}; it must be {allowed}")
+        if problems:
+            raise InputError("augmentation: " + "; ".join(problems))
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> AugmentConfig:
+        """An :class:`AugmentConfig` from a mapping of its fields (``None``: the defaults).
+
+        Raises:
+            InputError: unknown keys (with the valid ones), or a value :class:`AugmentConfig` refuses.
+        """
         d = dict(d or {})
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise InputError(
                 f"unknown augmentation keys {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}"
             )
-        return cls(**{k: float(v) for k, v in d.items()})
+        return cls(**d)
 
 
 def paired_channel_permutation(classes: Iterable | None = None) -> np.ndarray:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from universal.errors import InputError
+from universal.predictor import device_name
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "model_card"]
 
@@ -55,7 +56,8 @@ class FinetuneConfig:
         samples_per_case: Consecutive patches per case visit.
         foreground: Share of patches centred on an annotated structure (the rest anywhere in the body).
         time_budget_s: Stop after this many seconds of training (the schedule follows the clock), or ``None``.
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``None`` (cuda when available).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``None`` (cuda when available); the name is
+            checked here (:func:`universal.predictor.device_name`), its presence when the run starts.
         seed: Seed of the patches.
     """
 
@@ -93,8 +95,11 @@ class FinetuneConfig:
             problems.append(f"time_budget_s is {self.time_budget_s!r}; it must be a number > 0 or None")
         if not isinstance(self.anchor, bool):
             problems.append(f"anchor is {self.anchor!r}; it must be True or False")
-        if self.device is not None and not (isinstance(self.device, str) and self.device.strip()):
-            problems.append(f"device is {self.device!r}; it must be cpu, cuda, cuda:N or None")
+        if self.device is not None:
+            try:
+                object.__setattr__(self, "device", device_name(self.device))
+            except InputError as exc:
+                problems.append(f"{exc}, or None")
         if problems:
             raise InputError("fine-tuning settings: " + "; ".join(problems))
 

@@ -306,7 +306,7 @@ def load_volume(
 
     Raises:
         InputError: missing/empty/corrupt/too large file, unsupported type, picture, 2-D, RGB, 4-D, single slice,
-            intensities that are not HU, no DICOM in a folder, unknown ``series``.
+            intensities that are not HU, no DICOM in a folder, unknown ``series``, sheared voxel axes.
 
     DICOM (read with pydicom; compressed transfer syntaxes through its pixel-data plugins, see requirements.txt):
     classic single-frame slices or enhanced multi-frame files (positions, orientation, spacing and rescale from
@@ -317,6 +317,8 @@ def load_volume(
     - missing slices (an uneven gap of up to :data:`MAX_MISSING_SLICES` slices): the volume keeps the series' own
       even grid and the missing slices are linearly interpolated, with a warning naming the gap (positions,
       files, expected spacing) and ``meta["interpolated_slices"]``; a larger gap is refused;
+    - drifting positions: resampled onto an even grid, with a warning; slices that the interpolation would leave
+      out (a 1 mm stretch in a 2 mm series: two reconstructions) are refused, naming how many;
     - several series: ``series=`` chooses; without it the CT series with the most slices, with a warning;
     - refused: a gantry tilt (slices stacked more than :data:`MAX_TILT_DEG` degrees off their normal: a sheared
       grid), mixed image sizes, orientations or pixel spacings within the series (naming two files), two slices at
@@ -350,7 +352,8 @@ def load_volume(
         return _finish(raw, affine, p, fmt, name, meta, slope=slope, inter=inter, rescale=rescale, owned=True)
     img = _read_sitk(p, fmt, max_bytes)
     raw, affine = _sitk_to_numpy(img)
-    return _finish(raw, affine, p, fmt, name, {}, rescale=rescale, owned=False)
+    notes = _nrrd_notes(p, img) if fmt == "nrrd" else []
+    return _finish(raw, affine, p, fmt, name, {"_warnings": notes}, rescale=rescale, owned=False)
 
 
 def _check_volume_file(p: Path, max_bytes: int) -> str:
@@ -518,7 +521,7 @@ def checked_volume(volume: Any) -> Volume:
     warnings in ``notes`` (also issued as :class:`~universal.errors.InputWarning`).
 
     Raises:
-        InputError: what :func:`check_ct` refuses, a damaged affine, or an array that is not RAS+.
+        InputError: what :func:`check_ct` refuses, a damaged or sheared affine, or an array that is not RAS+.
     """
     if isinstance(volume, Volume) and volume.notes is not None:
         return volume
@@ -713,7 +716,12 @@ def _emit(msgs: list[str]) -> None:
 
 # ----------------------------------------------------------------------------------------------- orientation
 def _orientation(affine: np.ndarray, name: str) -> tuple[np.ndarray, list[str]]:
-    """nibabel orientation transform (file voxel order → RAS+) and warnings for oblique axes."""
+    """nibabel orientation transform (file voxel order → RAS+) and warnings for oblique axes.
+
+    Raises:
+        InputError: a non-finite or degenerate matrix, or sheared axes (columns not perpendicular, |UᵀU − I| >
+            1e-3 for the unit columns U), which ITK refuses as well.
+    """
     from nibabel.orientations import io_orientation
 
     rzs = affine[:3, :3]
@@ -721,8 +729,17 @@ def _orientation(affine: np.ndarray, name: str) -> tuple[np.ndarray, list[str]]:
         raise InputError(
             f"{name} has an invalid (degenerate) orientation matrix; the file's geometry is damaged: re-export it."
         )
+    unit = rzs / np.linalg.norm(rzs, axis=0)
+    shear = float(np.abs(unit.T @ unit - np.eye(3)).max())
+    if shear > 1e-3:  # a sheared (non-orthogonal) grid: ITK refuses it too; resampling would treat it as straight
+        off = float(np.degrees(np.arcsin(min(shear, 1.0))))
+        raise InputError(
+            f"{name} has sheared voxel axes (not perpendicular: up to {off:.1f}° off a right angle), which this tool "
+            "does not resample (like ITK, it needs an orthogonal grid): resample the file to an orthogonal grid "
+            "(e.g. 3D Slicer's Resample Scalar Volume, or nibabel.processing.resample_to_output) and load that."
+        )
     ornt = io_orientation(affine)
-    cos = np.abs(rzs / np.linalg.norm(rzs, axis=0)).max(axis=0)
+    cos = np.abs(unit).max(axis=0)
     angle = float(np.degrees(np.arccos(np.clip(cos.min(), -1.0, 1.0))))
     msgs = []
     if angle > 0.1:
@@ -855,10 +872,38 @@ def _read_nifti(p: Path, max_bytes: int) -> tuple[np.ndarray, np.ndarray, float,
     meta: dict[str, Any] = {"qform_code": int(hdr["qform_code"]), "sform_code": int(hdr["sform_code"])}
     if slope != 1.0 or inter != 0.0:
         meta["rescale"] = (slope, inter)
-    notes = _nifti_notes(p, img)
+    affine, notes = _nifti_geometry(p, img, meta)
+    notes = [*_nifti_notes(p, img), *notes]
     if notes:
         meta["_warnings"] = notes
-    return raw, np.asarray(img.affine, dtype=np.float64), slope, inter, meta
+    return raw, affine, slope, inter, meta
+
+
+NIFTI_UNITS_MM = {"mm": 1.0, "unknown": 1.0, "meter": 1000.0, "micron": 1e-3}
+"""Millimetres per unit of a NIfTI header's spatial ``xyzt_units`` (unknown: mm, as NIfTI readers assume)."""
+
+
+def _nifti_geometry(p: Path, img: Any, meta: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
+    """The image's affine in mm (scaled by the header's spatial unit: metres and microns become mm) and a warning
+    when the qform and sform (both coded) disagree by more than 1e-3 mm; the sform is used, as nibabel and ITK do.
+    When both are coded, the qform (in mm) is kept as ``meta["qform"]`` so that masks written back carry it."""
+    hdr = img.header
+    scale = NIFTI_UNITS_MM.get(hdr.get_xyzt_units()[0], 1.0)
+    affine = np.asarray(img.affine, dtype=np.float64).copy()
+    affine[:3] *= scale
+    if meta["qform_code"] == 0 or meta["sform_code"] == 0:
+        return affine, []
+    qform = np.asarray(hdr.get_qform(), dtype=np.float64).copy()
+    qform[:3] *= scale
+    meta["qform"] = qform.tolist()
+    diff = float(np.abs(qform - affine).max())
+    if diff <= 1e-3:
+        return affine, []
+    return affine, [
+        f"{p.name}: the header's qform and sform disagree (by up to {diff:.3g} mm in the voxel-to-patient "
+        "matrix): read with the sform, as nibabel and ITK do (a qform-only viewer places the CT elsewhere); check "
+        "that the orientation and position are right, and fix the header (nibabel set_qform) if not."
+    ]
 
 
 def _nifti_notes(p: Path, img: Any) -> list[str]:
@@ -954,6 +999,24 @@ def _read_sitk(p: Path, fmt: str, max_bytes: int) -> Any:
             return reader.Execute()
     except Exception as exc:
         raise _read_error(p, fmt, exc) from exc
+
+
+_NRRD_PATIENT_SPACES = ("left-posterior-superior", "right-anterior-superior", "left-anterior-superior")
+
+
+def _nrrd_notes(p: Path, img: Any) -> list[str]:
+    """A warning when a NRRD header names no patient axes (``space`` missing, or ``scanner-xyz``,
+    ``3D-right-handed``...), which ITK reads as LPS: like a NIfTI without orientation."""
+    key = "NRRD_space"  # ITK's NRRD reader gives the patient spaces as left-posterior-superior
+    space = img.GetMetaData(key) if img.HasMetaDataKey(key) else ""
+    if space.removesuffix("-time") in _NRRD_PATIENT_SPACES:
+        return []
+    said = f"space {space!r}" if space else "no space field"
+    return [
+        f"{p.name}: the NRRD header gives no patient orientation ({said}): read as left-posterior-superior "
+        "(ITK's convention), so left and right may be swapped; set the header's space to left-posterior-superior "
+        "(or right-anterior-superior) if you know the orientation."
+    ]
 
 
 def _sitk_to_numpy(img: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -1474,13 +1537,24 @@ def _check_tilt(pos: np.ndarray, normal: np.ndarray, display: str, tag: float) -
 
 def _slice_grid(z: np.ndarray, names: list[str], display: str) -> tuple[np.ndarray, list[int], list[str]]:
     """The output slice positions along the normal: the sorted slices themselves when evenly spaced; else an even
-    grid at the series' own spacing (the median gap) with the missing slices to be interpolated (a warning)."""
+    grid at the series' own spacing (the median gap) with the missing slices to be interpolated (a warning).
+
+    Positions whose gaps are each even but add up to a drift from a straight line (more than
+    :data:`UNIFORM_GAP_TOLERANCE` of a gap) are resampled onto an even grid of as many slices (a warning).
+
+    Raises:
+        InputError: a gap of more than :data:`MAX_MISSING_SLICES` missing slices, or slices between the points of
+            the grid that the interpolation would (nearly) leave out (closer slices mixed in: two reconstructions).
+    """
     if len(z) < 3:
         return z, [], []
     gaps = np.diff(z)
     step = float(np.median(gaps))
     if np.abs(gaps - step).max() <= UNIFORM_GAP_TOLERANCE * step:
-        return z, [], []
+        drift = z - np.linspace(z[0], z[-1], len(z))
+        if np.abs(drift).max() <= UNIFORM_GAP_TOLERANCE * step:
+            return z, [], []
+        return _drift_grid(z, drift, names, display)
     big = int(np.argmax(gaps))
     if gaps[big] > (MAX_MISSING_SLICES + 1.5) * step:
         raise InputError(
@@ -1490,8 +1564,8 @@ def _slice_grid(z: np.ndarray, names: list[str], display: str) -> tuple[np.ndarr
         )
     n = int(round((z[-1] - z[0]) / step)) + 1
     grid = np.linspace(z[0], z[-1], n)
-    near = np.abs(grid[:, None] - z[None, :]).min(axis=1)
-    filled = [int(k) for k in np.flatnonzero(near > 1e-3 * step)]
+    _check_left_out(z, grid, names, display)
+    filled = _off_slices(z, grid)
     odd = np.flatnonzero(np.abs(gaps - step) > UNIFORM_GAP_TOLERANCE * step)
     where = "; ".join(
         f"{gaps[k]:.2f} mm between {names[k]} ({z[k]:.2f} mm) and {names[k + 1]} ({z[k + 1]:.2f} mm)" for k in odd[:3]
@@ -1502,6 +1576,50 @@ def _slice_grid(z: np.ndarray, names: list[str], display: str) -> tuple[np.ndarr
         f"the volume keeps the series' own grid ({n} slices, {(z[-1] - z[0]) / (n - 1):.2f} mm), with {len(filled)} "
         "slice(s) linearly interpolated between their neighbours."
     ]
+
+
+def _off_slices(z: np.ndarray, grid: np.ndarray) -> list[int]:
+    """Indices of the grid points that fall on no slice (to be interpolated)."""
+    step = (z[-1] - z[0]) / (len(grid) - 1)
+    near = np.abs(grid[:, None] - z[None, :]).min(axis=1)
+    return [int(k) for k in np.flatnonzero(near > 1e-3 * step)]
+
+
+def _drift_grid(
+    z: np.ndarray, drift: np.ndarray, names: list[str], display: str
+) -> tuple[np.ndarray, list[int], list[str]]:
+    """An even grid of ``len(z)`` slices from the first slice to the last, for positions that drift from it, and
+    the warning saying so (the slices are linearly interpolated at the grid points)."""
+    grid = np.linspace(z[0], z[-1], len(z))
+    _check_left_out(z, grid, names, display)
+    filled = _off_slices(z, grid)
+    k = int(np.argmax(np.abs(drift)))
+    dz = (z[-1] - z[0]) / (len(z) - 1)
+    return grid, filled, [
+        f"{display}: the slice positions drift from an even spacing (each gap is close to {dz:.2f} mm, but "
+        f"{names[k]} lies {drift[k]:+.2f} mm from the even grid): the volume is resampled onto an even grid "
+        f"({len(z)} slices, {dz:.2f} mm), with {len(filled)} slice(s) linearly interpolated between their neighbours."
+    ]
+
+
+def _check_left_out(z: np.ndarray, grid: np.ndarray, names: list[str], display: str) -> None:
+    """Refuse slices that the interpolation onto ``grid`` (:func:`_on_grid`) would leave out or nearly (weight
+    below 0.25 in every output slice): slices between the grid points, e.g. a 1 mm stretch in a 2 mm series."""
+    i = np.clip(np.searchsorted(z, grid, side="right") - 1, 0, len(z) - 2)
+    w = (grid - z[i]) / (z[i + 1] - z[i])
+    used = np.zeros(len(z))
+    np.maximum.at(used, i, 1 - w)
+    np.maximum.at(used, i + 1, w)
+    out = np.flatnonzero(used < 0.25)
+    if not len(out):
+        return
+    k = int(out[0])
+    dz = (z[-1] - z[0]) / (len(grid) - 1)
+    raise InputError(
+        f"{display}: {len(out)} of the {len(z)} slices (e.g. {names[k]} at {z[k]:.2f} mm) lie between the points "
+        f"of the series' even {dz:.2f} mm grid and would be left out: the series mixes slice spacings (two "
+        "reconstructions in one series?); pass one stack with one spacing (remove the other slices)."
+    )
 
 
 def _series_pixels(
@@ -2004,11 +2122,12 @@ def _write_image(arr: np.ndarray, affine: np.ndarray, path: Path, like: Volume) 
             import nibabel as nib
 
             img = nib.Nifti1Image(arr, affine)
+            # the source's codes as they were (both 0: no orientation, so readers place the mask like the CT) and
+            # its own qform when it differs from the sform (a qform reader then finds the mask on the CT)
             meta = like.source.meta if like.source is not None and like.source.format == "nifti" else {}
             qcode, scode = int(meta.get("qform_code", 1)), int(meta.get("sform_code", 1))
-            if qcode == 0 and scode == 0:
-                qcode = scode = 1
-            img.set_qform(affine, code=qcode)
+            qform = np.asarray(meta["qform"], dtype=np.float64) if "qform" in meta else affine
+            img.set_qform(qform, code=qcode)
             img.set_sform(affine, code=scode)
             img.header.set_xyzt_units("mm")
             img.set_data_dtype(arr.dtype)

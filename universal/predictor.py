@@ -37,10 +37,40 @@ from universal.preprocess import CONVENTIONS, PreprocessConfig
 from universal.spec import PRECISIONS, InferenceDefaults, ModelSpec
 from universal.taxonomy import resolve_class
 
-__all__ = ["DEVICE_CHOICES", "CaseResult", "Predictor", "PredictorSettings", "resolve_device"]
+__all__ = [
+    "DEVICE_CHOICES",
+    "DEVICE_NAMES",
+    "CaseResult",
+    "Predictor",
+    "PredictorSettings",
+    "device_name",
+    "resolve_device",
+]
 
 #: what ``device`` accepts (besides ``None`` / ``"auto"``): ``cpu``, ``cuda``, ``cuda:N``, ``mps``
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+#: the device names allowed, in words (error messages, help)
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def device_name(device: Any, what: str = "device") -> str:
+    """``device`` stripped and in lower case when it names one of :data:`DEVICE_CHOICES` or ``cuda:N``.
+
+    Only the name is checked (where a setting enters); whether this machine has the device is
+    :func:`resolve_device`'s part.
+
+    >>> device_name(" CUDA:1 ")
+    'cuda:1'
+
+    Raises:
+        InputError: any other value (``"gpu"``, ``"cuda:x"``, a number), naming ``what`` and the names allowed.
+    """
+    text = device.strip().lower() if isinstance(device, str) else ""
+    index = text.removeprefix("cuda:") if text.startswith("cuda:") else None
+    if text in DEVICE_CHOICES or (index is not None and index.isascii() and index.isdecimal()):
+        return text
+    raise InputError(f"{what} is {device!r}; use {DEVICE_NAMES}")
+
 
 ProgressFn = Callable[[str, float], None]
 

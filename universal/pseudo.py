@@ -18,7 +18,15 @@ over organs and the manifest's inline map restores the overlap: a tumour value a
 (``{"27": ["liver tumor", "liver"]}``; for paired parents, kidney or lung tumours, the side is taken from world x via
 ``split_lr``). Ground truth has priority: pseudo-labelled voxels never change a ground-truth class. This is checked
 for every case by decoding the written label map exactly as training will (:func:`universal.taxonomy.transfer_labels`)
-and comparing every ground-truth class voxel for voxel; pseudo voxels that would alter one are removed.
+and comparing every ground-truth class voxel for voxel; pseudo voxels that would alter one are removed. A case's label
+map covers the teacher's classes *and* the case's ground-truth classes: ground truth of a class the teacher does not
+predict is kept too, so the new manifest annotates every class the source case annotated.
+
+**Output folder.** Everything is written into a hidden temporary sibling of the output folder that is renamed into
+place at the end (:func:`universal.io.atomic_folder`): the folder holds either the complete earlier output or the
+complete new one, never a mixture; an error or an interruption (Ctrl+C, SIGTERM) leaves the earlier output as it
+was. Only an absent or empty folder, or an earlier output of this function, is replaced; a folder holding other
+files, or one the source cases' files lie in (pseudo-label a round's output into a new folder), is refused.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from universal.data import (
     write_manifest,
 )
 from universal.errors import InputError
-from universal.io import atomic_write_text, load_volume, save_mask, to_json
+from universal.io import atomic_folder, atomic_write_text, load_volume, save_mask, to_json
 
 __all__ = [
     "PseudoLabelConfig",
@@ -56,9 +64,12 @@ __all__ = [
     "merge_with_ground_truth",
     "encode_label_map",
     "quality_flags",
+    "check_outdir",
 ]
 
 PSEUDO_DATASET = "universal_pseudo"
+#: what an earlier run of :func:`pseudo_label` leaves in its output folder (such a folder may be replaced)
+OUTPUT_ENTRIES = ("manifest.json", "labels", "quality_report.json", "quality_report.csv")
 #: what happens to a class the teacher predicts nowhere (``PseudoLabelConfig.empty_as_negative``; CLI ``--empty``)
 EMPTY_POLICIES = {"absent": True, "unannotated": False}
 
@@ -331,36 +342,50 @@ def pseudo_label(
         teacher: A :class:`~universal.predictor.Predictor` (its settings — classes, threshold, fast mode, device,
             post-processing — decide the predictions), or a model / checkpoint path / pretrained name (run with its
             spec's settings).
-        out_dir: Output folder (``manifest.json``, ``labels/``, ``quality_report.json``/``.csv``).
+        out_dir: Output folder (``manifest.json``, ``labels/``, ``quality_report.json``/``.csv``), written whole or
+            not at all: an earlier output there is replaced only once the new one is complete (on an error or
+            Ctrl+C it stays as it was; see the module docstring).
         config: The acceptance and review rules (:class:`PseudoLabelConfig`; default: its defaults).
 
     Returns:
         ``(path of the new manifest, report)``; ``report["cases"]`` holds one dict per case with ``flags`` and
         ``report["settings"]`` the rules and the teacher's resolved settings that were used.
+
+    Raises:
+        InputError: a bad config or source, or an ``out_dir`` that is a file, holds files that are not an earlier
+            output of this function, or holds the source cases' files (checked before any prediction).
+        OSError: the folder cannot be written; nothing is left behind.
     """
     cfg = config or PseudoLabelConfig()
     if not isinstance(cfg, PseudoLabelConfig):
         raise InputError(f"config must be a PseudoLabelConfig, got {type(cfg).__name__}")
     cases, source_path = _as_cases(manifest_or_cases)
     predictor = _as_predictor(teacher)
-    names = predictor.classes
     out = Path(out_dir)
-    (out / "labels").mkdir(parents=True, exist_ok=True)
-    pseudo_map = label_map_from_spec(PSEUDO_DATASET, universal_id_label_map_spec(names))
-    new_cases, reports = [], []
+    check_outdir(out, cases)
     iterator: Iterable[Any] = cases
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(cases, desc="pseudo-label")
-    for case in iterator:
-        new_case, case_report = _label_case(case, predictor, cfg, out, pseudo_map)
-        new_cases.append(new_case)
-        reports.append(case_report)
-    manifest_path = write_manifest(new_cases, out / "manifest.json")
-    report = {
-        "source": str(source_path) if source_path else None,
-        "manifest": str(manifest_path),
+    with atomic_folder(out) as tmp:  # the earlier output stays whole until the new one is
+        (tmp / "labels").mkdir()
+        new_cases, reports = [], []
+        for case in iterator:
+            new_case, case_report = _label_case(case, predictor, cfg, tmp, out)
+            new_cases.append(new_case)
+            reports.append(case_report)
+        write_manifest(new_cases, tmp / "manifest.json")  # paths relative to the folder: valid once renamed
+        report = _run_report(source_path, out / "manifest.json", cfg, predictor, reports)
+        _write_report(tmp, report)
+    return out / "manifest.json", report
+
+
+def _run_report(source: Path | None, manifest: Path, cfg: PseudoLabelConfig, predictor: Any, reports: list):
+    """The report of a run: source and new manifest, the rules and teacher settings used, the cases, the flagged."""
+    return {
+        "source": str(source) if source else None,
+        "manifest": str(manifest),
         "settings": {
             **asdict(cfg),
             "threshold": predictor.resolved.threshold,
@@ -369,15 +394,49 @@ def pseudo_label(
         "cases": reports,
         "flagged": [r["case"] for r in reports if r["flags"]],
     }
-    _write_report(out, report)
-    return manifest_path, report
 
 
-def _label_case(case: Any, predictor: Any, cfg: PseudoLabelConfig, out: Path, pseudo_map: Any):
-    """One case: predict, keep ground truth, accept confident predictions, store the label map → (case, report)."""
+def check_outdir(out: Path, cases: Sequence[Any] = ()) -> None:
+    """Raise unless :func:`pseudo_label` may (re)place the folder ``out``: it is absent, empty, or holds only an
+    earlier output (:data:`OUTPUT_ENTRIES`, ``labels/*.nii.gz``, hidden leftovers), and no file of ``cases`` lies
+    inside it (replacing the folder would delete the source of a kept case).
+
+    Raises:
+        InputError: ``out`` is a file, holds other files (never deleted), or holds a source case's file.
+    """
+    out = out.resolve() if out.is_symlink() else out
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder; choose an output folder")
+    root = out.resolve()
+    inside = [
+        str(p)
+        for c in cases
+        for p in (c.image, c.label)
+        if p is not None and Path(p).resolve().is_relative_to(root)
+    ]
+    if inside:
+        raise InputError(
+            f"the source cases' files lie in the output folder {out} ({inside[0]}, ...), which is replaced as a "
+            "whole; write the pseudo-labels to another folder"
+        )
+    labels = out / "labels"
+    known = all(e.name in OUTPUT_ENTRIES or e.name.startswith(".") for e in out.iterdir())
+    if not known or (labels.is_dir() and not all(p.name.endswith(".nii.gz") for p in labels.iterdir())):
+        raise InputError(
+            f"{out} holds files that are not an earlier pseudo-label output (they are never replaced); choose an "
+            "empty or new output folder"
+        )
+
+
+def _label_case(case: Any, predictor: Any, cfg: PseudoLabelConfig, folder: Path, out: Path):
+    """One case: predict, keep ground truth, accept confident predictions, store the label map in ``folder``
+    (the temporary folder renamed to ``out`` at the end) → (case, report)."""
     names = predictor.classes
     volume = load_volume(case.image)
-    gt_names = [n for n in case.ground_truth_classes() if n in names]
+    gt_names = list(case.ground_truth_classes())
+    classes = list(names) + [n for n in gt_names if n not in names]  # ground truth the teacher lacks is kept
     gt_masks: dict[str, np.ndarray] = {}
     if gt_names:
         arr = case_targets(case, volume, gt_names)
@@ -387,17 +446,18 @@ def _label_case(case: Any, predictor: Any, cfg: PseudoLabelConfig, out: Path, ps
     if not gt_masks and not accepted:  # nothing to store: the case stays unlabeled (training skips it)
         return case, _unchanged_case_report(case, rows, "no pseudo-label accepted: the case stays unlabeled")
     try:
-        label, final = merge_with_ground_truth(gt_masks, accepted, volume.affine, names)
+        label, final = merge_with_ground_truth(gt_masks, accepted, volume.affine, classes)
     except UnstorableGroundTruth as exc:  # kept as it was: never trade ground truth for pseudo-labels
         return case, _unchanged_case_report(case, rows, f"not pseudo-labelled: {exc}")
     _describe_final(rows, final, accepted, volume)
     flags = quality_flags(final, volume.affine, rows, cfg)
-    label_path = out / "labels" / f"{case.name}.nii.gz"
+    label_path = folder / "labels" / f"{case.name}.nii.gz"
     save_mask(label, volume, label_path, dtype=np.int16)
-    return _pseudo_case(case, label_path, pseudo_map, names, final, gt_masks), {
+    pseudo_map = label_map_from_spec(PSEUDO_DATASET, universal_id_label_map_spec(classes))
+    return _pseudo_case(case, label_path, pseudo_map, classes, final, gt_masks), {
         "case": case.name,
         "dataset": case.dataset,
-        "label": str(label_path),
+        "label": str(out / "labels" / label_path.name),
         "classes": rows,
         "flags": flags,
         "review": bool(flags),
@@ -436,6 +496,8 @@ def _accept(seg: Any, gt_masks: Mapping[str, np.ndarray], names: Sequence[str], 
         else:
             row["source"] = "dropped"
         rows[n] = row
+    for n in gt_masks:  # ground truth of a class the teacher does not predict: kept, nothing to compare
+        rows.setdefault(n, {"source": "ground truth", "mean_confidence": math.nan, "agreement_dsc": None})
     return rows, accepted
 
 

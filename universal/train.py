@@ -49,6 +49,7 @@ import numpy as np
 
 from universal.errors import CheckpointError, InputError
 from universal.io import to_json
+from universal.predictor import DEVICE_NAMES, device_name, resolve_device
 
 __all__ = [
     "DataSection",
@@ -207,6 +208,21 @@ def _check_phantom(values: dict) -> None:
     unknown = sorted(set(values) - set(_PHANTOM_KEYS))
     if unknown:
         raise InputError(f"unknown keys {unknown}")
+    if "val_cases" in values:
+        rule = _number(0, integer=True)
+        try:
+            values["val_cases"] = rule.convert(values["val_cases"])
+        except (TypeError, ValueError):
+            given = _show(values["val_cases"])
+            raise InputError(f"val_cases is {given}; it must be {rule.allowed}") from None
+
+
+def _device_value(value: Any) -> str:
+    """A device name by :func:`universal.predictor.device_name`'s rule (whether it exists is checked at run time)."""
+    try:
+        return device_name(value)
+    except InputError:
+        raise ValueError(value) from None
 
 
 def _resume_value(value: Any) -> str | bool:
@@ -329,14 +345,33 @@ class DataSection(_Section):
     validate_labels: bool = _key(True, _FLAG, "read every label file before training and check its values")
     augment: dict[str, float] = _key(
         {},
-        _mapping("a mapping of universal.data.AugmentConfig fields", _check_augment),
-        "flip_lr, flip_ap, flip_si, intensity_prob, intensity_scale, intensity_shift (universal.data.AugmentConfig)",
+        _mapping(
+            "a mapping of universal.data.AugmentConfig fields: flip_lr, flip_ap, flip_si, intensity_prob "
+            "(probabilities in [0, 1]), intensity_scale, intensity_shift (numbers >= 0)",
+            _check_augment,
+        ),
+        "patch augmentation; {} (the default) keeps AugmentConfig's defaults: no flips, and on half the patches "
+        "(intensity_prob 0.5) an intensity scale and shift of up to ±0.1 (intensity_scale, intensity_shift 0.1)",
     )
     phantom: dict[str, Any] | None = _key(
         None,
         _optional(_mapping("a mapping of " + ", ".join(_PHANTOM_KEYS), _check_phantom)),
-        "write a synthetic dataset at data.train (and val_cases at data.val) when the manifest is missing",
+        "write a synthetic dataset at data.train (and val_cases held-out cases at data.val, which they need) when "
+        "the manifest is missing",
     )
+
+    def __post_init__(self) -> None:
+        """The keys' checks, then ``data.phantom.val_cases``: it needs one ``data.val`` manifest to write."""
+        super().__post_init__()
+        val_cases = (self.phantom or {}).get("val_cases", 0)
+        if val_cases and len(self.val or ()) != 1:
+            given = "is not set" if not self.val else f"lists {len(self.val)} manifests"
+            raise _config_error(
+                [
+                    f"data.phantom.val_cases is {val_cases} but data.val {given}; set data.val to the one "
+                    "manifest path the held-out phantom cases are written to, or remove val_cases"
+                ]
+            )
 
 
 @dataclass(frozen=True)
@@ -386,12 +421,16 @@ class TrainSection(_Section):
     ckpt_every: int = _key(500, _number(0, integer=True), "steps between checkpoints (0: only at the end)")
     log_every: int = _key(1, _number(1, integer=True), "steps between CSV log rows")
     out_dir: str = _key("runs/universal", _TEXT, "the run folder", path=True)
-    device: str | None = _key(None, _optional(_TEXT, "null (cuda when available)"), "cpu, cuda or cuda:N")
+    device: str | None = _key(
+        None,
+        _optional(_Rule(DEVICE_NAMES, _device_value), "null (cuda when available)"),
+        "the device to train on (auto or null: cuda when available); checked to exist when the run starts",
+    )
     num_workers: int = _key(0, _number(0, integer=True), "DataLoader worker processes")
     resume: str | bool = _key(
         "auto",
         _Rule("auto, true, false or the path of a training checkpoint", _resume_value),
-        "auto: continue from out_dir/checkpoints/last.pt when it exists",
+        "auto: continue from out_dir/checkpoints/last.pt when it exists (with the config it was trained with)",
         path=True,
     )
     deterministic: bool = _key(
@@ -559,6 +598,11 @@ def resolve_config(config: TrainConfig | Mapping[str, Any] | str | os.PathLike) 
     return TrainConfig(**sections)
 
 
+def _default(f: dataclasses.Field) -> Any:
+    """The default value of config key ``f`` (a fresh copy for mappings)."""
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def config_doc() -> str:
     """The text of ``docs/CONFIG.md``: every key of the schema with its default, what it allows and its help."""
     lines = [
@@ -572,14 +616,18 @@ def config_doc() -> str:
         "except `data.train`. Keys marked *path* are relative to the config file's folder (to the current folder",
         "with `--set`). A wrong key or value is refused before any work, naming the key, the value and what is",
         "allowed.",
+        "",
+        "A resumed run (`train.resume`) refuses a config that differs from the one its checkpoint was trained with,",
+        "naming each changed key with its old and new value; only "
+        + ", ".join(f"`{k}`" for k in RESUME_MAY_CHANGE),
+        "may change. Set `train.resume: false` (or another `train.out_dir`) to start over.",
     ]
     for name, kind in _SECTIONS.items():
         summary = (kind.__doc__ or "").strip().removeprefix(f"``{name}``: ")
         lines += ["", f"## `{name}`", "", summary[:1].upper() + summary[1:], ""]
         lines += ["| key | default | allowed | meaning |", "|---|---|---|---|"]
         for f in dataclasses.fields(kind):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            shown = "required" if f.metadata["required"] else f"`{_show(default, quote=False)}`"
+            shown = "required" if f.metadata["required"] else f"`{_show(_default(f), quote=False)}`"
             allowed = f.metadata["rule"].allowed + ("; *path*" if f.metadata["path"] else "")
             cells = (f"`{name}.{f.name}`", shown, allowed, f.metadata["help"])
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -718,6 +766,8 @@ def _pick_device(spec: str | None, d: _Dist):
             return torch.device("cuda", d.local_rank if d.world > 1 else torch.cuda.current_device())
         return torch.device("cpu")
     dev = torch.device(spec)
+    if dev.type != "cuda":
+        return resolve_device(spec)  # cpu, or mps checked to be available (InputError)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(
@@ -874,6 +924,53 @@ def _load_training_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot resume: training state {sp} is unreadable ({exc})") from exc
 
 
+#: config keys a resumed run may change: how long it runs, where, on what device, its logs and checkpoints, and how
+#: the cases are held in memory; every other key must equal the one the checkpoint was trained with
+RESUME_MAY_CHANGE = (
+    "train.steps",
+    "train.time_budget_s",
+    "train.out_dir",
+    "train.resume",
+    "train.device",
+    "train.num_workers",
+    "train.progress",
+    "train.tensorboard",
+    "train.val_every",
+    "train.ckpt_every",
+    "train.log_every",
+    "train.find_unused_parameters",
+    "data.cache",
+    "data.validate_labels",
+)
+
+
+def _check_resumed_config(cfg: TrainConfig, state: Mapping[str, Any], path: Path) -> None:
+    """Refuse to continue the training state of ``path`` under a config other than the one it was trained with
+    (outside :data:`RESUME_MAY_CHANGE`); a key the saved config lacks (an older schema) counts as its default.
+    State files without a config (older versions) are not checked.
+
+    Raises:
+        CheckpointError: one line naming each changed key with its old and new value.
+    """
+    saved = state.get("config")
+    if not isinstance(saved, Mapping):
+        return
+    changed = []
+    for section, values in cfg.to_dict().items():
+        old_values = saved.get(section) if isinstance(saved.get(section), Mapping) else {}
+        defaults = {f.name: _default(f) for f in dataclasses.fields(_SECTIONS[section])}
+        for key, new in values.items():
+            old = old_values.get(key, defaults[key])
+            if f"{section}.{key}" not in RESUME_MAY_CHANGE and to_json(old) != new:
+                changed.append(f"{section}.{key} was {_show(old)}, now {_show(new)}")
+    if changed:
+        raise CheckpointError(
+            f"cannot resume from {path}: the config differs from the one it was trained with ("
+            + "; ".join(changed)
+            + "); restore the old value or set train.resume: false to start over"
+        )
+
+
 def _resume_path(resume: str | bool, out_dir: Path) -> Path | None:
     last = out_dir / "checkpoints" / "last.pt"
     if resume is False:
@@ -995,7 +1092,8 @@ def _ensure_phantom(d: DataSection, dist_ctx: _Dist) -> None:
     target = Path(d.train[0])
     if dist_ctx.main and not target.is_file():
         write_phantom_dataset(target.parent, manifest_name=target.name, **spec)
-    if dist_ctx.main and val_cases and d.val and len(d.val) == 1 and not Path(d.val[0]).is_file():
+    # DataSection refuses val_cases without exactly one data.val
+    if dist_ctx.main and val_cases and not Path(d.val[0]).is_file():
         val = Path(d.val[0])
         # held-out cases: other seeds, every class the phantom draws annotated
         write_phantom_dataset(
@@ -1211,6 +1309,10 @@ def _setup(cfg: TrainConfig, dist_ctx: _Dist, stop_after: int | None, clock: Cal
     from tqdm.auto import tqdm
 
     t = cfg.train
+    resume = _resume_path(t.resume, Path(t.out_dir))
+    state = None if resume is None else _load_training_state(resume)
+    if state is not None:
+        _check_resumed_config(cfg, state, resume)  # before any data is read
     device = _pick_device(t.device, dist_ctx)
     amp = (device.type == "cuda") if t.amp == "auto" else t.amp
     if amp and device.type != "cuda":
@@ -1236,9 +1338,8 @@ def _setup(cfg: TrainConfig, dist_ctx: _Dist, stop_after: int | None, clock: Cal
         clock=clock,
     )
     _place_schedule(run.optimizer, cfg.optim, t.steps, 0)
-    resume = _resume_path(t.resume, run.out_dir)
-    if resume is not None:
-        _restore(run, resume)
+    if state is not None:
+        _restore(run, resume, state)
     run.train_model = model
     if dist_ctx.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -1261,12 +1362,16 @@ def _setup(cfg: TrainConfig, dist_ctx: _Dist, stop_after: int | None, clock: Cal
     return run
 
 
-def _restore(run: _Run, path: Path) -> None:
-    """Continue from a training checkpoint: weights, optimizer, AMP scaler, RNG, step, elapsed seconds and the
-    schedule's position (older state files keep it as the LambdaLR scheduler's ``last_epoch``)."""
+def _restore(run: _Run, path: Path, state: Mapping[str, Any]) -> None:
+    """Continue from training checkpoint ``path`` and its training ``state`` (:func:`_check_resumed_config` passed):
+    weights, optimizer, AMP scaler, RNG, step, elapsed seconds and the schedule's position (older state files keep
+    it as the LambdaLR scheduler's ``last_epoch``).
+
+    Raises:
+        CheckpointError: the checkpoint predicts other classes than the config.
+    """
     from universal.model import load_checkpoint
 
-    state = _load_training_state(path)
     saved = load_checkpoint(path, map_location="cpu")
     classes = list(run.model.class_names)
     if list(saved.class_names) != classes:
