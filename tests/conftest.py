@@ -43,6 +43,18 @@ def _isolated_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): tiny
+    models gain nothing from more, and a shared CPU makes them spin."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
 def browser():
     """A headless Debian Chromium for one browser-test module (``tests/browser_support.chromium``); skipped with the
     reason when it is absent. Each module starts its own ``streamlit_server`` with its own environment."""
