@@ -227,6 +227,12 @@ def test_train_set_overrides_then_pseudo_label_empty_option(tmp_path, monkeypatc
     assert "SECTION.KEY=VALUE" in capsys.readouterr().err
     assert main(["train", str(cfg), "--set", "train.stepz=3"]) == 2
     assert "train.stepz" in capsys.readouterr().err
+    # one key given twice with different values: refused, not one of them winning in silence
+    assert main(["train", str(cfg), "--steps", "5", "--set", "train.steps=7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: train.steps is given twice (--steps 5 and --set train.steps=7): give it once", err
+    assert main(["train", str(cfg), "--set", "optim.lr=0.1", "--set", "optim.lr=0.2"]) == 2
+    assert "optim.lr is given twice" in capsys.readouterr().err
     # an untrained model at threshold 0.9999 predicts nothing: "absent" annotates every class of the unlabeled
     # case as absent, "unannotated" leaves them masked
     common = [

@@ -354,6 +354,18 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
     return section, key, _absolutize(section, key, value, Path.cwd())
 
 
+def _one_value_per_key(given: list[tuple[str, tuple[str, str, Any]]]) -> list[tuple[str, str, Any]]:
+    """The overrides of ``(option text, (section, key, value))``; a key given twice with different values (``--steps
+    5 --set train.steps=7``) is refused rather than one of them winning in silence."""
+    seen: dict[tuple[str, str], tuple[str, Any]] = {}
+    for text, (section, key, value) in given:
+        before = seen.get((section, key))
+        if before is not None and before[1] != value:
+            raise InputError(f"{section}.{key} is given twice ({before[0]} and {text}): give it once")
+        seen[(section, key)] = (text, value)
+    return [(section, key, value) for (section, key), (_, value) in seen.items()]
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from collections.abc import Mapping
 
@@ -361,9 +373,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     flags = {"device": args.device, "steps": args.steps, "out_dir": args.out, "resume": args.resume}
+    names = {"device": "--device", "steps": "--steps", "out_dir": "--out", "resume": "--resume"}
     cwd = Path.cwd()
-    overrides = [("train", k, _absolutize("train", k, v, cwd)) for k, v in flags.items() if v is not None]
-    overrides += [_parse_override(item) for item in args.set or []]
+    given = [(f"{names[k]} {v}", ("train", k, _absolutize("train", k, v, cwd))) for k, v in flags.items()
+             if v is not None]  # fmt: skip
+    given += [(f"--set {item}", _parse_override(item)) for item in args.set or []]
+    overrides = _one_value_per_key(given)
     for section, key, value in overrides:
         values = config.get(section)
         if values is None or isinstance(values, Mapping):  # else resolve_config names the bad section
