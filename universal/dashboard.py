@@ -429,9 +429,10 @@ def run_summary(run: RunRecord) -> str:
     """The success line of a run: classes, seconds, device, mode, template."""
     seg = run.seg
     total = float(seg.timings.get("total", float("nan")))
-    spacing = seg.info.get("target_spacing_mm") or []
-    sides = [f"{float(v):g}" for v in spacing]
-    at = (sides[0] if len(set(sides)) == 1 else " × ".join(sides)) + " mm" if sides else "its spacing"
+    from universal.preprocess import spacing_text
+
+    spacing = seg.info.get("target_spacing_mm")
+    at = spacing_text(spacing) if spacing else "its spacing"
     mode = f"{'fast' if seg.info.get('fast') else 'standard'} ({at})"  # the grid it ran on, not a guess
     return (
         f"Segmented {len(seg.masks)} classes in {total:.1f} s (model load {run.model_seconds:.1f} s) — "

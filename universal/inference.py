@@ -930,13 +930,13 @@ def _info(predictor, prepared, series: str | None = None) -> dict[str, Any]:
     import torch
 
     import universal
-    from universal.predictor import postprocess_record, weights_sha256
+    from universal.predictor import postprocess_record
 
     r, net = predictor.resolved, predictor.model
     spec = predictor.spec
     return {
         "model": predictor.model_label,
-        "weights_sha256": weights_sha256(getattr(predictor, "_base", net)),
+        "weights_sha256": predictor.weights_sha256,
         "series": series,
         "backbone": getattr(net, "backbone_name", None),
         "encoder": getattr(net, "encoder_name", None),

@@ -33,7 +33,7 @@ import numpy as np
 
 from universal.errors import ClassNameError, InputError, UniversalError
 from universal.postprocess import PostprocessConfig
-from universal.preprocess import CONVENTIONS, PreprocessConfig
+from universal.preprocess import CONVENTIONS, PreprocessConfig, spacing_text
 from universal.spec import PRECISIONS, InferenceDefaults, ModelSpec
 from universal.taxonomy import resolve_class
 
@@ -321,7 +321,7 @@ class Predictor:
                 warnings.warn(
                     InputWarning(
                         f"fast changes nothing for {self.model_label}: it already works at the fast spacing "
-                        f"({_spacing_text(prep)}); the run is the standard one and is reported so"
+                        f"({spacing_text(prep.target_spacing())}); the run is the standard one and is reported so"
                     ),
                     stacklevel=3,
                 )
@@ -422,8 +422,13 @@ class Predictor:
             "fast": r.fast,
             "postprocess": postprocess_record(r.postprocess),
             "preprocessing": dataclasses.asdict(r.preprocessing),
-            "weights_sha256": weights_sha256(self._base),
+            "weights_sha256": self.weights_sha256,
         }
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """The sha256 of the checkpoint file the weights were read from (``None`` for a model built in memory)."""
+        return weights_sha256(self._base)
 
     def __repr__(self) -> str:
         r = self.resolved
@@ -457,11 +462,6 @@ def _load_base(weights: Any) -> tuple[Any, str]:
 
         _MODEL_CACHE[key] = load_pretrained(name).eval()
     return _MODEL_CACHE[key], name
-
-
-def _spacing_text(prep: PreprocessConfig) -> str:
-    sides = [f"{float(v):g}" for v in prep.target_spacing()]
-    return (sides[0] if len(set(sides)) == 1 else " × ".join(sides)) + " mm"
 
 
 def _file_identity(name: str) -> tuple | None:

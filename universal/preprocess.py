@@ -59,8 +59,19 @@ __all__ = [
     "preprocess",
     "foreground_box",
     "resample_to_source",
+    "spacing_text",
     "window",
 ]
+
+
+def spacing_text(spacing: Any) -> str:
+    """A grid spacing as people write it: ``3 mm`` when isotropic, else ``0.8 × 0.8 × 2.5 mm``.
+
+    >>> spacing_text((3.0, 3.0, 3.0)), spacing_text([0.8, 0.8, 2.5])
+    ('3 mm', '0.8 × 0.8 × 2.5 mm')
+    """
+    sides = [f"{float(v):g}" for v in (np.atleast_1d(spacing))]
+    return (sides[0] if len(set(sides)) == 1 else " × ".join(sides)) + " mm"
 
 
 #: grid conventions: how the prepared grid is laid over the source grid (``"universal"``: crop, then resample with
